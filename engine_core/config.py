@@ -1,0 +1,85 @@
+"""Engine configuration: one validated, frozen dataclass.
+
+YAML and CLI parsing live at the edges (``configs/``, ``rollout.cli``); the library takes kwargs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from engine_core.errors import InvalidConfigError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of one engine. Names follow SGLang where it has one, else vLLM.
+
+    KV capacity comes from ``max_total_tokens`` when set, else from ``kv_cache_memory_bytes``.
+    ``dtype="auto"`` means the checkpoint dtype on CUDA and float32 on CPU (bf16 matmul on an
+    AVX2-only CPU is ~100x slower than fp32).
+    """
+
+    model_path: str
+    dtype: str = "auto"
+    device: str = dataclasses.field(default_factory=default_device)
+    page_size: int = 16
+    max_total_tokens: int | None = None
+    kv_cache_memory_bytes: int = 512 << 20
+    max_running_requests: int = 64
+    max_num_batched_tokens: int = 2048
+    context_length: int | None = None
+    seed: int = 0
+    skip_tokenizer_init: bool = False
+    tp_size: int = 1
+    deterministic: bool = False
+    weight_version: str = "default"
+
+    def __post_init__(self) -> None:
+        self._check_choice("dtype", self.dtype, DTYPES)
+        self._check_choice("device", self.device, ("cpu", "cuda"))
+        for name in ("page_size", "max_running_requests", "max_num_batched_tokens", "tp_size"):
+            self._check_positive(name, getattr(self, name))
+        if self.max_total_tokens is not None:
+            self._check_positive("max_total_tokens", self.max_total_tokens)
+            if self.max_total_tokens < self.page_size:
+                raise InvalidConfigError(
+                    "max_total_tokens", self.max_total_tokens, f"below page_size={self.page_size}"
+                )
+        self._check_positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
+        if self.context_length is not None:
+            self._check_positive("context_length", self.context_length)
+        if not isinstance(self.seed, int):
+            raise InvalidConfigError("seed", self.seed, "must be an int")
+
+    @staticmethod
+    def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+        if value not in choices:
+            raise InvalidConfigError(name, value, f"must be one of {choices}")
+
+    @staticmethod
+    def _check_positive(name: str, value: object) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise InvalidConfigError(name, value, "must be a positive int")
+
+    @classmethod
+    def from_kwargs(cls, model_path: str, **kwargs: object) -> EngineConfig:
+        """Build from kwargs, rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in kwargs:
+            if key not in known:
+                raise InvalidConfigError(
+                    key, kwargs[key], f"unknown engine option; known: {sorted(known)}"
+                )
+        return cls(model_path=model_path, **kwargs)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)

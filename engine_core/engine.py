@@ -1,0 +1,344 @@
+"""``Engine``: the SGLang-compatible offline API over one (tensor-parallel) engine.
+
+Requests are validated here (bad input raises ``InvalidRequestError`` before anything is queued),
+expanded into one ``Request`` per sample, and handed to the background ``EngineLoop``, which
+batches whatever is in flight. Logprobs are ``log_softmax(logits / T)`` over the full vocabulary,
+with ``T`` the request's temperature (1.0 when greedy) — what a trainer recomputes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import random
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from engine_core import inputs
+from engine_core.config import EngineConfig
+from engine_core.engine_loop import EngineLoop
+from engine_core.errors import EngineStoppedError, InvalidRequestError
+from engine_core.model_config import load_model_config
+from engine_core.model_runner import ModelRunner
+from engine_core.outputs import final_output, meta_info
+from engine_core.page_pool import PagePool, pages_needed
+from engine_core.request import Request
+from engine_core.sampling_params import SamplingParams
+from engine_core.scheduler import Scheduler
+from engine_core.sinks import BlockingSink, FutureSink, StreamSink, StreamState
+from engine_core.tokenizer import load_tokenizer, stable_prefix
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+class Engine:
+    """One inference engine: ``Engine(model_path, **EngineConfig fields)``."""
+
+    def __init__(self, model_path: str, **kwargs: Any) -> None:
+        self.config = EngineConfig.from_kwargs(model_path, **kwargs)
+        self.model_config = load_model_config(model_path)
+        self.context_length = self._context_length()
+        self.tokenizer = None if self.config.skip_tokenizer_init else load_tokenizer(model_path)
+        self.runner = ModelRunner(self.config, self.model_config, self.context_length)
+        self.pool = PagePool(self.runner.num_pages, self.config.page_size)
+        self.scheduler = Scheduler(
+            self.pool, self.config.max_running_requests, self.config.max_num_batched_tokens
+        )
+        self.weight_version = self.config.weight_version
+        self._rng = random.Random(self.config.seed)
+        self._arrival = itertools.count()
+        self._lock = threading.Lock()
+        self._active: set[str] = set()
+        self.loop = EngineLoop(
+            self.scheduler,
+            self.runner.execute,
+            self.model_config.eos_token_ids,
+            self._decode,
+            lambda: self.weight_version,
+        )
+
+    def _context_length(self) -> int:
+        mc = self.model_config
+        limit = self.config.context_length or mc.max_position_embeddings
+        # Sliding-window models run full attention; capping the context keeps that exact.
+        return min(limit, mc.sliding_window) if mc.sliding_window else limit
+
+    # ------------------------------------------------------------------ requests
+    def _build_requests(
+        self,
+        prompt,
+        input_ids,
+        sampling_params,
+        return_logprob,
+        logprob_start_len,
+        top_logprobs_num,
+        rid,
+    ) -> tuple[list[Request], bool]:
+        if sampling_params is None and inputs.looks_like_sampling_params(input_ids):
+            # SGLang's positional order is (prompt, sampling_params, input_ids); accept it too.
+            input_ids, sampling_params = None, input_ids
+        batch = inputs.batch_size_of(prompt, input_ids)
+        prompts = inputs.per_item(
+            prompt if prompt is not None else input_ids,
+            batch,
+            "prompt" if prompt is not None else "input_ids",
+            list_ok=False,
+        )
+        params = inputs.per_item(sampling_params, batch, "sampling_params")
+        flags = [
+            inputs.per_item(v, batch, name)
+            for v, name in (
+                (return_logprob, "return_logprob"),
+                (logprob_start_len, "logprob_start_len"),
+                (top_logprobs_num, "top_logprobs_num"),
+                (rid, "rid"),
+            )
+        ]
+        specs = []
+        for i, item in enumerate(prompts):
+            where = "" if batch is None else f"[{i}]"
+            ids = self._tokenize(item, f"{'prompt' if prompt is not None else 'input_ids'}{where}")
+            sp = SamplingParams.from_dict(params[i], f"sampling_params{where}")
+            inputs.check_logprob_args(flags[0][i], flags[1][i], flags[2][i], "")
+            self._check_fits(ids, sp, where)
+            specs.append(inputs.SeqSpec(ids, sp, flags[3][i], *[f[i] for f in flags[:3]]))
+        return self._expand(specs), batch is not None
+
+    def _tokenize(self, item: Any, field: str) -> list[int]:
+        if isinstance(item, str):
+            if not item:
+                raise InvalidRequestError(field, item, "empty prompt")
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    field, item, "text prompts need a tokenizer; pass input_ids"
+                )
+            item = self.tokenizer.encode(item)
+        return inputs.check_ids(item, field, self.model_config.vocab_size)
+
+    def _check_fits(self, ids: list[int], sp: SamplingParams, where: str) -> None:
+        if len(ids) > self.context_length:
+            raise InvalidRequestError(
+                f"prompt{where}",
+                f"<{len(ids)} tokens>",
+                f"longer than the context length {self.context_length}",
+            )
+        need = len(ids) + min(sp.max_new_tokens, self.context_length - len(ids))
+        if pages_needed(need, self.pool.page_size) > self.pool.num_pages:
+            raise InvalidRequestError(
+                f"sampling_params{where}.max_new_tokens",
+                sp.max_new_tokens,
+                f"prompt + output need {need} tokens of KV cache, but it holds only "
+                f"{self.pool.capacity_tokens}",
+            )
+
+    def _expand(self, specs: list[inputs.SeqSpec]) -> list[Request]:
+        reqs = []
+        for spec in specs:
+            base = spec.rid if spec.rid is not None else uuid.uuid4().hex
+            if not isinstance(base, str):
+                raise InvalidRequestError("rid", base, "must be a str")
+            for i in range(spec.params.n):
+                reqs.append(
+                    self._new_request(spec, base if spec.params.n == 1 else f"{base}-{i}", i)
+                )
+        rids = [r.rid for r in reqs]
+        with self._lock:
+            clash = next((r for r in rids if r in self._active), None)
+            if clash is not None or len(set(rids)) != len(rids):
+                raise InvalidRequestError("rid", clash or rids, "duplicates a request in flight")
+            self._active.update(rids)
+        return reqs
+
+    def _new_request(self, spec: inputs.SeqSpec, rid: str, index: int) -> Request:
+        sp = spec.params
+        if sp.sampling_seed is None:
+            seed = self._rng.getrandbits(63)
+        else:
+            seed = (sp.sampling_seed + index * _GOLDEN) % (1 << 63)
+        req = Request(
+            rid=rid,
+            prompt_ids=list(spec.prompt_ids),
+            params=sp,
+            seed=seed,
+            arrival=next(self._arrival),
+            return_logprob=spec.return_logprob,
+            logprob_start_len=spec.logprob_start_len,
+            top_logprobs_num=spec.top_logprobs_num,
+            max_new_tokens=min(sp.max_new_tokens, self.context_length - len(spec.prompt_ids)),
+        )
+        if req.return_logprob and req.input_logprob_start == 0:
+            req.input_logprobs.append(None)  # the first token has no context to score it
+            req.input_top_logprobs.append(None)
+        return req
+
+    # ------------------------------------------------------------------ outputs
+    def _decode(self, req: Request) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(
+            req.output_ids, skip_special_tokens=req.params.skip_special_tokens
+        )
+
+    def _finalize(self, req: Request, text: str) -> dict[str, Any]:
+        with self._lock:
+            self._active.discard(req.rid)
+        return final_output(req, text, self.weight_version)
+
+    def _delta(self, req: Request, state: StreamState, final: bool, text: str | None):
+        if final:
+            with self._lock:
+                self._active.discard(req.rid)
+            full = text or ""
+        else:
+            full = stable_prefix(self._decode(req))
+            hold = max((len(s) for s in req.params.stop), default=1) - 1
+            full = full[: len(full) - hold] if hold else full  # may yet become a stop string
+        new_ids = req.output_ids[state.sent_tokens :]
+        new_text = full[len(state.sent_text) :] if len(full) > len(state.sent_text) else ""
+        if not final and not new_ids:
+            return None
+        state.sent_tokens += len(new_ids)
+        state.sent_text += new_text
+        return {
+            "text": new_text,
+            "output_ids": new_ids,
+            "meta_info": meta_info(req, self.weight_version),
+        }
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompt=None,
+        input_ids=None,
+        sampling_params=None,
+        return_logprob=False,
+        logprob_start_len=-1,
+        top_logprobs_num=0,
+        rid=None,
+        stream=False,
+    ):
+        """Generate for one prompt (returns a dict) or a batch (a list, samples of a prompt
+        adjacent). ``stream=True`` (one prompt, n=1) returns an iterator of incremental chunks
+        whose ``text`` and ``output_ids`` concatenate to the full output."""
+        reqs, is_batch = self._build_requests(
+            prompt,
+            input_ids,
+            sampling_params,
+            return_logprob,
+            logprob_start_len,
+            top_logprobs_num,
+            rid,
+        )
+        if stream:
+            return self._stream(reqs, is_batch)
+        sinks = [BlockingSink(self._finalize) for _ in reqs]
+        self._submit(reqs, sinks)
+        for sink in sinks:
+            sink.done.wait()
+        outputs = [sink.output for sink in sinks]
+        return outputs if is_batch or len(outputs) > 1 else outputs[0]
+
+    def _stream(self, reqs: list[Request], is_batch: bool) -> Iterator[dict[str, Any]]:
+        self._check_streamable(reqs, is_batch)
+        chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._submit(reqs, [StreamSink(self._delta, chunks.put)])
+
+        def iterate() -> Iterator[dict[str, Any]]:
+            while (chunk := chunks.get()) is not None:
+                yield chunk
+
+        return iterate()
+
+    def _check_streamable(self, reqs: list[Request], is_batch: bool) -> None:
+        if is_batch or len(reqs) != 1:
+            with self._lock:
+                self._active.difference_update(r.rid for r in reqs)
+            raise InvalidRequestError("stream", True, "streaming takes one prompt with n=1")
+
+    async def async_generate(
+        self,
+        prompt=None,
+        input_ids=None,
+        sampling_params=None,
+        return_logprob=False,
+        logprob_start_len=-1,
+        top_logprobs_num=0,
+        rid=None,
+        stream=False,
+    ):
+        """asyncio form of ``generate``; concurrent calls share batches. With ``stream=True``
+        returns an async iterator of chunks."""
+        reqs, is_batch = self._build_requests(
+            prompt,
+            input_ids,
+            sampling_params,
+            return_logprob,
+            logprob_start_len,
+            top_logprobs_num,
+            rid,
+        )
+        loop = asyncio.get_running_loop()
+        if stream:
+            return self._async_stream(reqs, is_batch, loop)
+        sinks = [FutureSink(self._finalize, loop) for _ in reqs]
+        self._submit(reqs, sinks)
+        outputs = list(await asyncio.gather(*(s.future for s in sinks)))
+        return outputs if is_batch or len(outputs) > 1 else outputs[0]
+
+    def _async_stream(self, reqs, is_batch, loop) -> AsyncIterator[dict[str, Any]]:
+        self._check_streamable(reqs, is_batch)
+        chunks: asyncio.Queue = asyncio.Queue()
+        push = lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)  # noqa: E731
+        self._submit(reqs, [StreamSink(self._delta, push)])
+
+        async def iterate() -> AsyncIterator[dict[str, Any]]:
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+
+        return iterate()
+
+    def _submit(self, reqs: list[Request], sinks: list) -> None:
+        if not self.loop.alive:
+            with self._lock:
+                self._active.difference_update(r.rid for r in reqs)
+            raise EngineStoppedError("engine is shut down")
+        self.loop.submit(reqs, sinks)
+
+    def abort_request(self, rid: str | None = None, abort_all: bool = False) -> None:
+        """Abort a request (its output returns with finish_reason abort), or all of them."""
+        if abort_all:
+            self.loop.abort(None)
+        elif rid is not None:
+            self.loop.abort(rid)
+
+    def get_server_info(self) -> dict[str, Any]:
+        stats = self.loop.stats
+        return {
+            "config": self.config.to_dict(),
+            "model": self.model_config.__dict__ | {"context_length": self.context_length},
+            "weight_version": self.weight_version,
+            "num_running_requests": len(self.scheduler.running),
+            "num_waiting_requests": len(self.scheduler.waiting),
+            "num_total_pages": self.pool.num_pages,
+            "num_free_pages": self.pool.num_free,
+            "max_total_num_tokens": self.pool.capacity_tokens,
+            "num_retractions": self.scheduler.stats.num_retractions,
+            "generated_tokens": stats.generated_tokens,
+            "steps": stats.steps,
+            "decode_throughput": stats.generated_tokens / stats.busy_seconds
+            if stats.busy_seconds
+            else 0.0,
+        }
+
+    def shutdown(self) -> None:
+        """Stop the loop; requests still in flight finish with finish_reason abort."""
+        self.loop.stop()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,203 @@
+"""The background scheduling loop: admits requests, runs steps, applies results, notifies sinks.
+
+All request/scheduler state is touched only from the loop thread; callers talk to it through
+``submit``/``abort`` (a locked inbox) and receive outputs through per-request sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from engine_core.request import Request
+from engine_core.scheduler import Chunk, Scheduler
+from engine_core.step_plan import StepPlan, StepResult, build_plan
+from engine_core.tokenizer import find_stop_string
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """Receives a request's progress; called from the loop thread, must not block."""
+
+    def on_progress(self, req: Request) -> None: ...
+    def on_finish(self, req: Request, text: str) -> None: ...
+
+
+@dataclass
+class LoopStats:
+    steps: int = 0
+    generated_tokens: int = 0
+    prefill_tokens: int = 0
+    finished_requests: int = 0
+    busy_seconds: float = 0.0
+
+
+class EngineLoop:
+    """Owns the scheduler and drives ``execute(plan) -> result`` (the model runner) in a thread."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        execute: Callable[[StepPlan], StepResult],
+        eos_ids: tuple[int, ...],
+        decode: Callable[[Request], str],
+        weight_version: Callable[[], str],
+    ):
+        self.scheduler = scheduler
+        self.execute = execute
+        self.eos_ids = set(eos_ids)
+        self.decode = decode
+        self.weight_version = weight_version
+        self.stats = LoopStats()
+        self._sinks: dict[str, Sink] = {}
+        self._inbox: list[tuple[str, Any]] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any thread) ----
+    def submit(self, reqs: list[Request], sinks: list[Sink]) -> None:
+        with self._cond:
+            self._inbox.append(("add", list(zip(reqs, sinks))))
+            self._cond.notify()
+
+    def abort(self, rid: str | None, message: str = "aborted by request") -> None:
+        """Abort one request by id, or every request when ``rid`` is None."""
+        with self._cond:
+            self._inbox.append(("abort", (rid, message)))
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ---- loop thread ----
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._inbox and not self.scheduler.has_work() and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                inbox, self._inbox = self._inbox, []
+            for kind, payload in inbox:
+                self._handle(kind, payload)
+            if self.scheduler.has_work():
+                self._step()
+        self._abort_all("engine shut down")
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "add":
+            for req, sink in payload:
+                self._sinks[req.rid] = sink
+                self.scheduler.add(req)
+        elif kind == "abort":
+            rid, message = payload
+            if rid is None:
+                self._abort_all(message)
+            else:
+                req = self.scheduler.find(rid)
+                if req is not None:
+                    self._finish(req, {"type": "abort", "message": message})
+
+    def _abort_all(self, message: str) -> None:
+        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(req, {"type": "abort", "message": message})
+
+    def _step(self) -> None:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return
+        started = time.perf_counter()
+        try:
+            result = self.execute(build_plan(chunks))
+        except Exception as exc:  # a failed step must not kill the loop or strand callers
+            log.exception("engine step failed")
+            for chunk in chunks:
+                self._finish(chunk.req, {"type": "abort", "message": f"engine error: {exc!r}"})
+            return
+        self._apply(chunks, result)
+        self.stats.steps += 1
+        self.stats.busy_seconds += time.perf_counter() - started
+
+    def _apply(self, chunks: list[Chunk], result: StepResult) -> None:
+        row_of = 0  # walks logit rows in plan order
+        sample_index = 0
+        version = self.weight_version()
+        for chunk in chunks:
+            req = chunk.req
+            req.num_computed += chunk.length
+            if req.return_logprob:
+                row_of = self._record_input_logprobs(req, chunk, result, row_of)
+            if not chunk.samples:
+                self.stats.prefill_tokens += chunk.length
+                continue
+            token = result.tokens[sample_index]
+            sample_index += 1
+            if req.max_new_tokens == 0:
+                self._finish(req, {"type": "length", "length": 0})
+                row_of += 1
+                continue
+            req.output_ids.append(token)
+            req.output_versions.append(version)
+            if req.return_logprob:
+                req.output_logprobs.append(result.logprobs[row_of])  # type: ignore[index]
+                if req.top_logprobs_num > 0:
+                    req.output_top_logprobs.append(result.top_logprobs[row_of])
+            row_of += 1
+            self.stats.generated_tokens += 1
+            self._after_token(req, token)
+
+    def _record_input_logprobs(
+        self, req: Request, chunk: Chunk, result: StepResult, row: int
+    ) -> int:
+        for pos in range(chunk.start, chunk.start + chunk.length):
+            if req.wants_input_logprob_at(pos):
+                req.input_logprobs.append(result.logprobs[row])  # type: ignore[index]
+                if req.top_logprobs_num > 0:
+                    req.input_top_logprobs.append(result.top_logprobs[row])
+                row += 1
+        return row
+
+    def _after_token(self, req: Request, token: int) -> None:
+        params = req.params
+        if not params.ignore_eos and token in self.eos_ids:
+            return self._finish(req, {"type": "stop", "matched": token})
+        if token in params.stop_token_ids:
+            return self._finish(req, {"type": "stop", "matched": token})
+        if params.stop:
+            text = self.decode(req)
+            hit = find_stop_string(text, params.stop)
+            if hit is not None:
+                return self._finish(req, {"type": "stop", "matched": hit[1]}, text[: hit[0]])
+        if len(req.output_ids) >= req.max_new_tokens:
+            return self._finish(req, {"type": "length", "length": len(req.output_ids)})
+        sink = self._sinks.get(req.rid)
+        if sink is not None:
+            sink.on_progress(req)
+
+    def _finish(self, req: Request, reason: dict, text: str | None = None) -> None:
+        if req.finished:
+            return
+        req.finish_reason = reason
+        self.scheduler.finish(req)
+        self.stats.finished_requests += 1
+        sink = self._sinks.pop(req.rid, None)
+        if sink is None:
+            return
+        try:
+            sink.on_finish(req, self.decode(req) if text is None else text)
+        except Exception:  # a broken sink (e.g. closed event loop) must not stop the engine
+            log.exception("output sink for %s failed", req.rid)

@@ -1,0 +1,1 @@
+"""Shard-aware building blocks of the model (tensor parallelism lives here)."""

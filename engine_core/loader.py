@@ -1,0 +1,140 @@
+"""The one weight-ingest path: HF-named tensors -> shard-aware parameters.
+
+Checkpoint load and every refit go through ``load_weights``: names are mapped (fused q/k/v and
+gate/up), each tensor is cut to this rank's shard, and every name, shape (and, for refits,
+dtype) is validated *before* anything is written, so a bad update leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from engine_core.errors import ModelLoadError
+from engine_core.models.llama import PACKED
+
+Key = tuple[str, str, object]  # (module path, parameter leaf, shard id)
+SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(model_path: str) -> list[str]:
+    """Safetensors files of a HF directory (single file or sharded index); never pickles."""
+    index = os.path.join(model_path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        paths = [os.path.join(model_path, name) for name in files]
+    else:
+        paths = [os.path.join(model_path, "model.safetensors")]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"missing weights file {path!r}")
+    return paths
+
+
+def iter_checkpoint(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from every safetensors file; corrupt files raise ModelLoadError."""
+    for path in checkpoint_files(model_path):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise ModelLoadError(f"cannot read weights file {path!r}: {exc}") from exc
+
+
+def _owner_key(name: str) -> Key:
+    module_path, _, leaf = name.rpartition(".")
+    parent, _, last = module_path.rpartition(".")
+    if last in PACKED:
+        fused, shard_id = PACKED[last]
+        return f"{parent}.{fused}", leaf, shard_id
+    return module_path, leaf, None
+
+
+def expected_keys(model: nn.Module) -> set[Key]:
+    """Every (module, leaf, shard) a complete checkpoint must provide."""
+    keys: set[Key] = set()
+    for path, module in model.named_modules():
+        if not hasattr(module, "shard_target") or getattr(module, "tied", False):
+            continue
+        shards: list[object] = [None]
+        if hasattr(module, "sizes"):
+            shards = ["q", "k", "v"]
+        elif hasattr(module, "local_outs"):
+            shards = list(range(len(module.local_outs)))
+        for leaf in ("weight", "bias"):
+            if getattr(module, leaf, None) is not None:
+                keys.update((path, leaf, shard) for shard in shards)
+    return keys
+
+
+def _target(model: nn.Module, name: str, tensor: torch.Tensor, key: Key, tied: bool):
+    path, leaf, shard_id = key
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        module = None
+    if module is None or not hasattr(module, "shard_target") or getattr(module, leaf, None) is None:
+        raise ModelLoadError(f"unexpected weight {name!r}: the model has no such parameter")
+    try:
+        dst, src = module.shard_target(leaf, tensor, shard_id)
+    except (ValueError, RuntimeError, IndexError) as exc:
+        raise ModelLoadError(f"weight {name!r} with shape {tuple(tensor.shape)}: {exc}") from exc
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ModelLoadError(
+            f"weight {name!r}: shape {tuple(tensor.shape)} does not fit parameter "
+            f"{path}.{leaf} (shard {tuple(src.shape)} vs expected {tuple(dst.shape)})"
+        )
+    return dst, src
+
+
+def load_weights(
+    model: nn.Module,
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    require_complete: bool,
+    expected_dtype: torch.dtype | None = None,
+) -> list[str]:
+    """Validate every tensor, then copy all of them into the model; returns the names loaded.
+
+    ``require_complete``: every parameter must be provided (checkpoint load and full refits).
+    ``expected_dtype``: if set, each tensor must already have it (refits; no silent casts).
+    Raises ModelLoadError naming the first bad tensor; on error nothing has been written.
+    """
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: dict[Key, str] = {}
+    for name, tensor in named_tensors:
+        if name.endswith(SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise ModelLoadError(f"weight {name!r} is a {type(tensor).__name__}, not a tensor")
+        if expected_dtype is not None and tensor.dtype != expected_dtype:
+            raise ModelLoadError(
+                f"weight {name!r} has dtype {tensor.dtype}, expected {expected_dtype}"
+            )
+        key = _owner_key(name)
+        if key in seen:
+            raise ModelLoadError(f"weight {name!r} given twice (also as {seen[key]!r})")
+        seen[key] = name
+        pending.append(_target(model, name, tensor, key, tied))
+    if require_complete:
+        missing = expected_keys(model) - set(seen)
+        if missing:
+            shown = sorted(
+                f"{p}.{leaf}" + (f"[{s}]" if s is not None else "") for p, leaf, s in missing
+            )
+            raise ModelLoadError(f"missing weights: {shown[:8]}{' ...' if len(shown) > 8 else ''}")
+    with torch.no_grad():
+        for dst, src in pending:
+            dst.copy_(src)
+    return list(seen.values())

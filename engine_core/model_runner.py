@@ -1,0 +1,204 @@
+"""Per-rank model execution: builds the model, owns the KV cache, turns a StepPlan into tensors,
+runs the forward and samples. The only engine_core module (with layers/models) that makes tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from engine_core.config import EngineConfig
+from engine_core.layers.attention import AttentionMetadata, DecodeGroup, PrefillSeq
+from engine_core.loader import iter_checkpoint, load_weights
+from engine_core.model_config import ModelConfig
+from engine_core.models.llama import Backend, LlamaFamilyForCausalLM
+from engine_core.parallel import TPContext
+from engine_core.step_plan import StepPlan, StepResult
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(config: EngineConfig, model_cfg: ModelConfig) -> torch.dtype:
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    if config.device == "cpu":
+        return torch.float32  # no fast bf16/fp16 matmul on this class of CPU
+    return _DTYPES.get(model_cfg.torch_dtype, torch.float32)
+
+
+def kv_bytes_per_page(model_cfg: ModelConfig, local_kv_heads: int, page_size: int, dtype) -> int:
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return 2 * model_cfg.num_layers * page_size * local_kv_heads * model_cfg.head_dim * elem
+
+
+class ModelRunner:
+    """Holds one rank's model shard and KV cache."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_cfg: ModelConfig,
+        context_length: int,
+        tp: TPContext | None = None,
+    ):
+        self.config = config
+        self.model_cfg = model_cfg
+        self.tp = tp or TPContext()
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config, model_cfg)
+        self.page_size = config.page_size
+        self.model = self._build_model(context_length)
+        load_weights(self.model, iter_checkpoint(config.model_path), require_complete=True)
+        self.num_pages = self._num_pages()
+        self._allocate_kv_cache()
+
+    def _build_model(self, context_length: int) -> LlamaFamilyForCausalLM:
+        backend = Backend()
+        if self.config.deterministic:
+            import kernels
+
+            backend = Backend(linear=kernels.batch_invariant_linear)
+        with torch.device(self.device):
+            model = LlamaFamilyForCausalLM(self.model_cfg, self.tp, context_length, backend)
+        return model.to(self.dtype).eval()
+
+    def _num_pages(self) -> int:
+        if self.config.max_total_tokens is not None:
+            return -(-self.config.max_total_tokens // self.page_size)
+        local_kv = self.model.model.layers[0].self_attn.kv_heads
+        per_page = kv_bytes_per_page(self.model_cfg, local_kv, self.page_size, self.dtype)
+        return max(1, self.config.kv_cache_memory_bytes // per_page)
+
+    def _allocate_kv_cache(self) -> None:
+        for layer in self.model.attention_layers():
+            shape = (self.num_pages, self.page_size, layer.num_kv_heads, layer.head_dim)
+            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        ids, positions, meta = self._prepare(plan)
+        hidden = self.model(ids, positions, meta)
+        if not plan.logit_rows:
+            return StepResult([], None, [])
+        rows = torch.tensor(plan.logit_rows, dtype=torch.long, device=self.device)
+        logits = self.model.logits(hidden.index_select(0, rows))
+        return self._sample(logits, plan)
+
+    def _prepare(self, plan: StepPlan):
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        ps = self.page_size
+        for seq in plan.seqs:
+            ids.extend(seq.token_ids)
+            for pos in range(seq.start, seq.start + len(seq.token_ids)):
+                positions.append(pos)
+                slots.append(seq.pages[pos // ps] * ps + pos % ps)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            decode=self._decode_group(plan),
+            prefills=self._prefill_seqs(plan),
+        )
+        if dev.type == "cuda":
+            self._add_varlen(plan, meta)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+        return ids_t, torch.tensor(positions, dtype=torch.long, device=dev), meta
+
+    def _decode_group(self, plan: StepPlan) -> DecodeGroup | None:
+        rows, tables, lens = [], [], []
+        row = 0
+        for seq in plan.seqs:
+            if len(seq.token_ids) == 1:
+                kv_len = seq.start + 1
+                rows.append(row)
+                tables.append(seq.pages[: -(-kv_len // self.page_size)])
+                lens.append(kv_len)
+            row += len(seq.token_ids)
+        if not rows:
+            return None
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+        kv_pos = torch.arange(width * self.page_size, device=dev)
+        mask = kv_pos.unsqueeze(0) < torch.tensor(lens, device=dev).unsqueeze(1)
+        all_rows = len(rows) == row
+        return DecodeGroup(
+            rows=None if all_rows else torch.tensor(rows, dtype=torch.long, device=dev),
+            page_table=torch.tensor(padded, dtype=torch.long, device=dev),
+            mask=mask.view(len(rows), 1, 1, -1),
+        )
+
+    def _prefill_seqs(self, plan: StepPlan) -> list[PrefillSeq]:
+        out, row = [], 0
+        for seq in plan.seqs:
+            q_len = len(seq.token_ids)
+            if q_len > 1:
+                kv_len = seq.start + q_len
+                pages = seq.pages[: -(-kv_len // self.page_size)]
+                q_pos = torch.arange(seq.start, kv_len, device=self.device).unsqueeze(1)
+                mask = torch.arange(kv_len, device=self.device).unsqueeze(0) <= q_pos
+                pages_t = torch.tensor(pages, dtype=torch.long, device=self.device)
+                out.append(PrefillSeq(row, q_len, kv_len, pages_t, mask))
+            row += q_len
+        return out
+
+    def _add_varlen(self, plan: StepPlan, meta: AttentionMetadata) -> None:
+        width = max(len(s.pages) for s in plan.seqs)
+        table = [s.pages + [0] * (width - len(s.pages)) for s in plan.seqs]
+        cu = [0]
+        for s in plan.seqs:
+            cu.append(cu[-1] + len(s.token_ids))
+        lens = [s.start + len(s.token_ids) for s in plan.seqs]
+        i32 = dict(dtype=torch.int32, device=self.device)
+        meta.page_table = torch.tensor(table, **i32)
+        meta.cu_q_lens = torch.tensor(cu, **i32)
+        meta.seq_lens = torch.tensor(lens, **i32)
+
+    def _sample(self, logits: torch.Tensor, plan: StepPlan) -> StepResult:
+        tokens = self._sample_tokens(logits, plan)
+        if not plan.want_logprobs:
+            return StepResult(tokens, None, [])
+        targets = list(plan.target_ids)
+        for spec, token in zip(plan.samples, tokens):
+            targets[spec.logit_row] = token
+        dev = self.device
+        temps = torch.tensor(plan.logprob_temps, dtype=torch.float32, device=dev).unsqueeze(1)
+        logprobs = torch.log_softmax(logits / temps, dim=-1)
+        target_t = torch.tensor(targets, dtype=torch.long, device=dev).unsqueeze(1)
+        chosen = logprobs.gather(1, target_t).squeeze(1).tolist()
+        return StepResult(tokens, chosen, self._top_logprobs(logprobs, plan.top_logprobs))
+
+    def _sample_tokens(self, logits: torch.Tensor, plan: StepPlan) -> list[int]:
+        if not plan.samples:
+            return []
+        rows = torch.tensor(
+            [s.logit_row for s in plan.samples], dtype=torch.long, device=self.device
+        )
+        sample_logits = logits.index_select(0, rows)
+        if all(s.temperature == 0.0 for s in plan.samples):
+            return sample_logits.argmax(dim=-1).tolist()
+        import kernels
+
+        def col(name, dtype):
+            return torch.tensor(
+                [getattr(s, name) for s in plan.samples], dtype=dtype, device=self.device
+            )
+
+        return kernels.sample_tokens(
+            sample_logits,
+            col("temperature", torch.float32),
+            col("top_k", torch.long),
+            col("top_p", torch.float32),
+            col("min_p", torch.float32),
+            col("seed", torch.long),
+            col("position", torch.long),
+        ).tolist()
+
+    @staticmethod
+    def _top_logprobs(logprobs: torch.Tensor, nums: list[int]) -> list[list[tuple[float, int]]]:
+        k = max(nums, default=0)
+        if k <= 0:
+            return [[] for _ in nums]
+        values, indices = logprobs.topk(k, dim=-1)
+        values, indices = values.tolist(), indices.tolist()
+        return [list(zip(values[i][:n], indices[i][:n])) for i, n in enumerate(nums)]

@@ -1,0 +1,143 @@
+"""Llama-family decoder (Llama incl. llama3 RoPE, Mistral, Qwen2 qkv bias, Qwen3 q/k norm).
+
+Module paths mirror HF's so checkpoint names map 1:1, except the fused projections listed in
+``PACKED`` (HF's q/k/v and gate/up tensors load into one fused shard-aware layer each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine_core.layers.attention import AttentionMetadata, PagedAttention
+from engine_core.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from engine_core.layers.linear import (
+    LinearFn,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from engine_core.layers.norm import RMSNorm
+from engine_core.layers.rotary import RotaryEmbedding
+from engine_core.model_config import ModelConfig
+from engine_core.parallel import TPContext
+
+# HF leaf module -> (our fused module, shard id)
+PACKED: dict[str, tuple[str, object]] = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Ops the model calls that deterministic mode swaps for batch-invariant versions."""
+
+    linear: LinearFn = F.linear
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, rotary: RotaryEmbedding, be: Backend):
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.qkv_bias,
+            tp,
+            be.linear,
+        )
+        self.heads, self.kv_heads = self.qkv_proj.local_heads, self.qkv_proj.local_kv_heads
+        self.head_dim = cfg.head_dim
+        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, False, tp, be.linear)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.rotary = [rotary]  # shared tables; a list keeps them out of this module's state
+        self.attn = PagedAttention(self.heads, self.kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata):
+        tokens = x.shape[0]
+        q_len, kv_len = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_len, kv_len, kv_len], dim=-1)
+        q = q.reshape(tokens, self.heads, self.head_dim)
+        k = k.reshape(tokens, self.kv_heads, self.head_dim)
+        v = v.reshape(tokens, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary[0](positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, be: Backend):
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [inter, inter], False, tp, be.linear
+        )
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, False, tp, be.linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, rotary: RotaryEmbedding, be: Backend):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, tp, rotary, be)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, tp, be)
+
+    def forward(self, positions, x, meta):
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, max_positions: int, be: Backend):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary_emb = rotary
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, tp, rotary, be) for _ in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, ids, positions, meta):
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(positions, x, meta)
+        return self.norm(x)
+
+
+class LlamaFamilyForCausalLM(nn.Module):
+    """``forward`` returns final hidden states; ``logits`` projects only the rows asked for."""
+
+    def __init__(
+        self, cfg: ModelConfig, tp: TPContext, max_positions: int, be: Backend = Backend()
+    ):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg, tp, max_positions, be)
+        self.lm_head = ParallelLMHead(self.model.embed_tokens, cfg.tie_word_embeddings, be.linear)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
+        return self.model(ids, positions, meta)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
