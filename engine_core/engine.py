@@ -77,9 +77,9 @@ class Engine:
         top_logprobs_num,
         rid,
     ) -> tuple[list[Request], bool]:
-        if sampling_params is None and inputs.looks_like_sampling_params(input_ids):
+        if inputs.looks_like_sampling_params(input_ids):
             # SGLang's positional order is (prompt, sampling_params, input_ids); accept it too.
-            input_ids, sampling_params = None, input_ids
+            input_ids, sampling_params = sampling_params, input_ids
         batch = inputs.batch_size_of(prompt, input_ids)
         prompts = inputs.per_item(
             prompt if prompt is not None else input_ids,

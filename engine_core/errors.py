@@ -29,7 +29,7 @@ class InvalidConfigError(ValueError):
 
 
 class ModelLoadError(ValueError):
-    """A checkpoint could not be loaded (unknown architecture, missing/corrupt/mis-shaped tensor)."""
+    """A checkpoint could not be loaded (unknown architecture, missing/corrupt/bad tensor)."""
 
 
 class EngineStoppedError(RuntimeError):

@@ -1,5 +1,5 @@
 """Per-rank model execution: builds the model, owns the KV cache, turns a StepPlan into tensors,
-runs the forward and samples. The only engine_core module (with layers/models) that makes tensors."""
+runs the forward and samples. With layers/ and models/, the only place that makes tensors."""
 
 from __future__ import annotations
 

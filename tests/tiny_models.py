@@ -111,12 +111,12 @@ def make_model(path: str, kind: str = "llama", seed: int = 0, **overrides: Any) 
     cls = getattr(transformers, spec.pop("cls"))
     arch = spec.pop("arch")
     tokenizer = build_tokenizer()
+    spec.setdefault("eos_token_id", tokenizer.eos_token_id)
+    spec.setdefault("max_position_embeddings", 256)
     config = cls(
         vocab_size=VOCAB,
-        max_position_embeddings=256,
         rms_norm_eps=1e-6,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
         architectures=[arch],
         **spec,
     )

@@ -37,7 +37,7 @@ class PrefillSeq:
 
 @dataclass
 class AttentionMetadata:
-    """Everything attention needs for one step; built once by the model runner, used by all layers."""
+    """Everything attention needs for one step; built once by the runner, used by all layers."""
 
     slot_mapping: torch.Tensor  # int64 [T]
     decode: DecodeGroup | None
