@@ -30,6 +30,7 @@ from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import Scheduler
 from engine_core.sinks import BlockingSink, FutureSink, StreamSink, StreamState
 from engine_core.tokenizer import load_tokenizer, stable_prefix
+from engine_core.weights import WeightUpdater
 
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -47,7 +48,6 @@ class Engine:
         self.scheduler = Scheduler(
             self.pool, self.config.max_running_requests, self.config.max_num_batched_tokens
         )
-        self.weight_version = self.config.weight_version
         self._rng = random.Random(self.config.seed)
         self._arrival = itertools.count()
         self._lock = threading.Lock()
@@ -57,8 +57,9 @@ class Engine:
             self.runner.execute,
             self.model_config.eos_token_ids,
             self._decode,
-            lambda: self.weight_version,
+            lambda: self.weights.version,
         )
+        self.weights = WeightUpdater(self.loop, self.runner, self.config.weight_version)
 
     def _context_length(self) -> int:
         mc = self.model_config
@@ -237,7 +238,9 @@ class Engine:
         sinks = [BlockingSink(self._finalize) for _ in reqs]
         self._submit(reqs, sinks)
         for sink in sinks:
-            sink.done.wait()
+            while not sink.done.wait(timeout=1.0):
+                if not self.loop.alive:
+                    raise EngineStoppedError("engine loop died; see the log for its error")
         outputs = [sink.output for sink in sinks]
         return outputs if is_batch or len(outputs) > 1 else outputs[0]
 
@@ -332,6 +335,20 @@ class Engine:
             if stats.busy_seconds
             else 0.0,
         }
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def weight_version(self) -> str:
+        return self.weights.version
+
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> dict:
+        """Reload weights from a safetensors checkpoint of the same architecture (never pickles).
+        Atomic: on any error the old weights and version stay. Returns ``{"success", ...}``."""
+        return self.weights.from_disk(model_path, weight_version)
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[float]:
+        """First ``truncate_size`` values of HF-named parameter ``name`` (this rank's shard)."""
+        return self.weights.get_weights_by_name(name, truncate_size)
 
     def shutdown(self) -> None:
         """Stop the loop; requests still in flight finish with finish_reason abort."""

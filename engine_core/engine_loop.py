@@ -73,6 +73,33 @@ class EngineLoop:
             self._inbox.append(("abort", (rid, message)))
             self._cond.notify()
 
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run ``fn`` on the loop thread between two steps and return its result (or raise its
+        exception). Weight updates use this, so no forward ever sees half-written weights."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["result"] = fn()
+            except BaseException as exc:  # handed back to the caller's thread
+                box["error"] = exc
+            done.set()
+
+        if threading.current_thread() is self._thread:
+            run()
+        else:
+            with self._cond:
+                if self._stopping or not self.alive:
+                    raise RuntimeError("engine loop is not running")
+                self._inbox.append(("call", run))
+                self._cond.notify()
+            if not done.wait(timeout):
+                raise TimeoutError(f"engine loop did not run the call within {timeout}s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
@@ -90,16 +117,25 @@ class EngineLoop:
                 while not self._inbox and not self.scheduler.has_work() and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
+                    for kind, payload in self._inbox:
+                        if kind == "call":
+                            payload()  # unblock callers; they see the engine stopping
                     break
                 inbox, self._inbox = self._inbox, []
-            for kind, payload in inbox:
-                self._handle(kind, payload)
-            if self.scheduler.has_work():
-                self._step()
+            try:
+                for kind, payload in inbox:
+                    self._handle(kind, payload)
+                if self.scheduler.has_work():
+                    self._step()
+            except Exception as exc:  # a bug here must not strand callers or kill the loop
+                log.exception("engine loop iteration failed")
+                self._abort_all(f"engine error: {exc!r}")
         self._abort_all("engine shut down")
 
     def _handle(self, kind: str, payload: Any) -> None:
-        if kind == "add":
+        if kind == "call":
+            payload()
+        elif kind == "add":
             for req, sink in payload:
                 self._sinks[req.rid] = sink
                 self.scheduler.add(req)

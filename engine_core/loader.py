@@ -138,3 +138,25 @@ def load_weights(
         for dst, src in pending:
             dst.copy_(src)
     return list(seen.values())
+
+
+def param_view(model: nn.Module, name: str) -> torch.Tensor:
+    """This rank's parameter data behind HF name ``name`` (a view into the fused tensor)."""
+    path, leaf, shard_id = _owner_key(name)
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        module = None
+    if module is not None and getattr(module, "tied", False) and leaf == "weight":
+        return module.head_weight
+    param = getattr(module, leaf, None) if module is not None else None
+    if not isinstance(param, torch.Tensor):
+        raise ModelLoadError(f"unknown weight name {name!r}")
+    if shard_id is None:
+        return param
+    if hasattr(module, "sizes"):
+        offset, size = module.sizes[str(shard_id)]
+        return param.narrow(0, offset, size)
+    outs = module.local_outs
+    index = int(shard_id)
+    return param.narrow(0, sum(outs[:index]), outs[index])

@@ -7,7 +7,7 @@ import torch
 
 from engine_core.config import EngineConfig
 from engine_core.layers.attention import AttentionMetadata, DecodeGroup, PrefillSeq
-from engine_core.loader import iter_checkpoint, load_weights
+from engine_core.loader import iter_checkpoint, load_weights, param_view
 from engine_core.model_config import ModelConfig
 from engine_core.models.llama import Backend, LlamaFamilyForCausalLM
 from engine_core.parallel import TPContext
@@ -202,3 +202,17 @@ class ModelRunner:
         values, indices = logprobs.topk(k, dim=-1)
         values, indices = values.tolist(), indices.tolist()
         return [list(zip(values[i][:n], indices[i][:n])) for i, n in enumerate(nums)]
+
+    # ---- weights (the same ingest path as checkpoint load) ----
+    def update_weights(self, named_tensors, *, require_complete: bool, strict_dtype: bool) -> int:
+        """Validate then copy; on any error nothing was written. Returns tensors loaded."""
+        loaded = load_weights(
+            self.model,
+            named_tensors,
+            require_complete=require_complete,
+            expected_dtype=self.dtype if strict_dtype else None,
+        )
+        return len(loaded)
+
+    def get_weight(self, name: str) -> torch.Tensor:
+        return param_view(self.model, name)

@@ -1,0 +1,25 @@
+"""Hot-path kernels of the rollout engine, each with a plain-torch reference of the same semantics.
+
+Every op has ``<op>_ref`` (torch; the engine's CPU path), ``<op>_triton`` (defined only when Triton
+is importable) and a dispatcher that uses Triton for CUDA tensors and the torch path otherwise.
+All of them are batch invariant: a row's / request's result is bitwise independent of what else
+is in the batch (see each module's docstring for the contract).
+"""
+
+from __future__ import annotations
+
+from ._triton import HAS_TRITON
+from .attention import paged_attention, store_kv
+from .matmul import linear as batch_invariant_linear
+from .rmsnorm import rms_norm
+from .sampling import sample_tokens, seeded_uniform
+
+__all__ = [
+    "HAS_TRITON",
+    "store_kv",
+    "paged_attention",
+    "rms_norm",
+    "batch_invariant_linear",
+    "seeded_uniform",
+    "sample_tokens",
+]

@@ -1,0 +1,120 @@
+"""Trainer-side helpers: turn a model into named tensors and push them to the engines.
+
+Distributed path (trainer is rank 0 of a standalone group, engines are ranks 1..N)::
+
+    from weight_sync import WeightSender, create_group, free_port, named_tensors_of
+    from weight_sync import push_distributed
+
+    port = free_port(host)
+    refs = [e.init_group.remote(host, port, 1 + i, world, name) for i, e in enumerate(engines)]
+    group = create_group(host, port, 0, world, name, "gloo", timeout_s=120)  # concurrent with refs
+    sender = WeightSender(group, bucket_bytes=512 << 20)
+    ...
+    # after every training step; one RPC per engine carries the plan (JSON string):
+    def send_plan(plan):
+        return [e.receive_weights.remote(plan.to_json()) for e in engines]   # must not block
+    futures = push_distributed(sender, named_tensors_of(model), send_plan, weight_version=step)
+    ray.get(futures)
+
+    # engine side: receiver = WeightReceiver(group) once, then per update (receive_weights):
+    #   plan = UpdatePlan.from_json(plan_json)
+    #   receiver.receive(plan, load_fn)            # load_fn copies each bucket's tensors, or
+    #   engine.apply(receiver.iter_pairs(plan))    # owned tensors for validate-then-copy loaders
+
+Colocated path (trainer and engine on the same host/GPU)::
+
+    push_colocated(
+        named_tensors_of(model),
+        prefix=f"rlr-{engine_id}-{step}",
+        apply_fn=lambda handles: ray.get(engine.load_colocated.remote(handles)),
+    )
+    # engine side (load_colocated): weight_sync.load_colocated(handles, load_fn), or
+    #   engine.apply(weight_sync.iter_colocated(handles))   # views stay valid until dropped
+
+``apply_fn`` must return only after every engine has copied the weights (that is the
+acknowledgement); the shared buckets are released when it returns or raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import torch
+
+from weight_sync.bucket import DEFAULT_BUCKET_BYTES
+from weight_sync.colocated import BucketHandle, ColocatedBuckets
+from weight_sync.sender import NamedTensors, WeightSender
+from weight_sync.spec import UpdatePlan
+
+T = TypeVar("T")
+
+# Wrapper modules insert these path components in front of HF parameter names.
+WRAPPER_PREFIXES = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def hf_name(name: str) -> str:
+    """Strip DDP / torch.compile / FSDP1 / activation-checkpoint wrapper components."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_PREFIXES)
+
+
+def named_tensors_of(
+    source: torch.nn.Module | Mapping[str, torch.Tensor],
+) -> list[tuple[str, torch.Tensor]]:
+    """``(hf_name, tensor)`` pairs to push: detached, contiguous, in state-dict order.
+
+    For a module this is its ``state_dict`` (parameters and *persistent* buffers; non-persistent
+    buffers such as rotary caches are skipped). Tied weights appear under each of their names,
+    as in the HF state dict. DTensor / sharded parameters must be gathered by the caller first.
+    Raises ``TypeError`` for non-tensor values and ``ValueError`` if two names collide after
+    stripping wrapper prefixes.
+    """
+    if isinstance(source, torch.nn.Module):
+        items = source.state_dict(keep_vars=True).items()
+    elif isinstance(source, Mapping):
+        items = source.items()
+    else:
+        raise TypeError(f"expected an nn.Module or a state dict, got {type(source).__name__}")
+    out: list[tuple[str, torch.Tensor]] = []
+    seen: set[str] = set()
+    for raw_name, value in items:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{raw_name}: expected a tensor, got {type(value).__name__}")
+        name = hf_name(raw_name)
+        if name in seen:
+            raise ValueError(f"two entries map to the name {name!r}")
+        seen.add(name)
+        out.append((name, value.detach().contiguous()))
+    return out
+
+
+def push_distributed(
+    sender: WeightSender,
+    named: NamedTensors,
+    send_plan_fn: Callable[[UpdatePlan], T],
+    weight_version: int | str = 0,
+) -> T:
+    """Plan, ship the plan with ONE call of ``send_plan_fn``, then stream the buckets.
+
+    ``send_plan_fn(plan)`` must start the engines' :func:`~weight_sync.receiver.receive` and
+    return without waiting for it (e.g. return Ray object refs); waiting there deadlocks until
+    the timeout. Its return value is returned so the caller can wait for the engines' ack.
+    """
+    named = list(named.items()) if isinstance(named, Mapping) else list(named)
+    plan = sender.plan(named, weight_version)
+    pending = send_plan_fn(plan)
+    sender.send(named, plan)
+    return pending
+
+
+def push_colocated(
+    named: NamedTensors,
+    prefix: str,
+    apply_fn: Callable[[list[BucketHandle]], T],
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    weight_version: int | str = 0,
+) -> T:
+    """Share ``named`` as buckets, call ``apply_fn(handles)`` (blocking until every engine has
+    loaded = ack), then release the buckets, also if ``apply_fn`` raises."""
+    with ColocatedBuckets(named, prefix, bucket_bytes, weight_version) as buckets:
+        return apply_fn(buckets.handles)
