@@ -3,6 +3,8 @@ runs the forward and samples. With layers/ and models/, the only place that make
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from engine_core.config import EngineConfig
@@ -101,6 +103,8 @@ class ModelRunner:
         )
         if dev.type == "cuda":
             self._add_varlen(plan, meta)
+        elif self._use_c_kernel:
+            self._add_rows(plan, meta)
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
         return ids_t, torch.tensor(positions, dtype=torch.long, device=dev), meta
 
@@ -141,6 +145,25 @@ class ModelRunner:
                 out.append(PrefillSeq(row, q_len, kv_len, pages_t, mask))
             row += q_len
         return out
+
+    @functools.cached_property
+    def _use_c_kernel(self) -> bool:
+        from kernels import cpu_attention
+
+        return self.dtype == torch.float32 and cpu_attention.available()
+
+    def _add_rows(self, plan: StepPlan, meta: AttentionMetadata) -> None:
+        width = max(len(s.pages) for s in plan.seqs)
+        table = [s.pages + [0] * (width - len(s.pages)) for s in plan.seqs]
+        row_seq, row_pos = [], []
+        for index, seq in enumerate(plan.seqs):
+            row_seq.extend([index] * len(seq.token_ids))
+            row_pos.extend(range(seq.start, seq.start + len(seq.token_ids)))
+        i64 = dict(dtype=torch.long, device=self.device)
+        meta.all_pages = torch.tensor(table, **i64)
+        meta.row_seq = torch.tensor(row_seq, **i64)
+        meta.row_pos = torch.tensor(row_pos, **i64)
+        meta.fixed_order = self.config.deterministic
 
     def _add_varlen(self, plan: StepPlan, meta: AttentionMetadata) -> None:
         width = max(len(s.pages) for s in plan.seqs)

@@ -42,6 +42,11 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [T]
     decode: DecodeGroup | None
     prefills: list[PrefillSeq]
+    # Row form for the C kernel: every token row's request (row of all_pages) and position.
+    all_pages: torch.Tensor | None = None  # int64 [B, max_pages]
+    row_seq: torch.Tensor | None = None  # int64 [T]
+    row_pos: torch.Tensor | None = None  # int64 [T]
+    fixed_order: bool = False  # deterministic mode: every row through the batch-invariant kernel
     # Varlen form for the Triton kernel (CUDA): int32 tensors.
     page_table: torch.Tensor | None = None
     cu_q_lens: torch.Tensor | None = None
@@ -68,12 +73,33 @@ class PagedAttention(nn.Module):
         flat_v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_k.index_copy_(0, meta.slot_mapping, k)
         flat_v.index_copy_(0, meta.slot_mapping, v)
+        if meta.fixed_order:
+            return self._rows(q, meta, None).view(q.shape[0], -1)
         out = torch.empty_like(q)
         if meta.decode is not None:
-            self._decode(q, out, meta.decode)
+            if meta.row_seq is not None:
+                rows = meta.decode.rows
+                o = self._rows(q if rows is None else q[rows], meta, rows)
+                if rows is None:
+                    out = o
+                else:
+                    out[rows] = o
+            else:
+                self._decode(q, out, meta.decode)
         for seq in meta.prefills:
             self._prefill(q, out, seq, page_size)
         return out.view(q.shape[0], -1)
+
+    def _rows(self, q: torch.Tensor, meta: AttentionMetadata, rows: torch.Tensor | None):
+        """C kernel over the given query rows: pages read in place, fixed reduction order."""
+        from kernels.cpu_attention import paged_attention_rows
+
+        row_seq, row_pos = meta.row_seq, meta.row_pos
+        if rows is not None:
+            row_seq, row_pos = row_seq[rows], row_pos[rows]
+        return paged_attention_rows(
+            q, self.k_cache, self.v_cache, meta.all_pages, row_seq, row_pos, self.scale
+        )
 
     def _decode(self, q: torch.Tensor, out: torch.Tensor, group: DecodeGroup) -> None:
         qd = q if group.rows is None else q[group.rows]
