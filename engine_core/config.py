@@ -41,6 +41,9 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     tp_size: int = 1
     deterministic: bool = False
+    # TP reduction: True = fixed rank-order sum (bitwise identical on every rank and run),
+    # False = the backend's native all-reduce (benchmarked against each other).
+    deterministic_all_reduce: bool = True
     weight_version: str = "default"
 
     def __post_init__(self) -> None:

@@ -21,10 +21,11 @@ from engine_core import inputs
 from engine_core.config import EngineConfig
 from engine_core.engine_loop import EngineLoop
 from engine_core.errors import EngineStoppedError, InvalidRequestError
+from engine_core.executor import make_executor
 from engine_core.model_config import load_model_config
-from engine_core.model_runner import ModelRunner
 from engine_core.outputs import final_output, meta_info
 from engine_core.page_pool import PagePool, pages_needed
+from engine_core.parallel import check_tp_divisibility
 from engine_core.request import Request
 from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import Scheduler
@@ -43,8 +44,12 @@ class Engine:
         self.model_config = load_model_config(model_path)
         self.context_length = self._context_length()
         self.tokenizer = None if self.config.skip_tokenizer_init else load_tokenizer(model_path)
-        self.runner = ModelRunner(self.config, self.model_config, self.context_length)
-        self.pool = PagePool(self.runner.num_pages, self.config.page_size)
+        mc = self.model_config
+        check_tp_divisibility(
+            mc.num_heads, mc.num_kv_heads, mc.intermediate_size, self.config.tp_size
+        )
+        self.executor = make_executor(self.config, mc, self.context_length)
+        self.pool = PagePool(self.executor.call("info")["num_pages"], self.config.page_size)
         self.scheduler = Scheduler(
             self.pool, self.config.max_running_requests, self.config.max_num_batched_tokens
         )
@@ -54,12 +59,12 @@ class Engine:
         self._active: set[str] = set()
         self.loop = EngineLoop(
             self.scheduler,
-            self.runner.execute,
+            self.executor.execute,
             self.model_config.eos_token_ids,
             self._decode,
             lambda: self.weights.version,
         )
-        self.weights = WeightUpdater(self.loop, self.runner, self.config.weight_version)
+        self.weights = WeightUpdater(self.loop, self.executor, mc, self.config.weight_version)
 
     def _context_length(self) -> int:
         mc = self.model_config
@@ -350,9 +355,15 @@ class Engine:
         """First ``truncate_size`` values of HF-named parameter ``name`` (this rank's shard)."""
         return self.weights.get_weights_by_name(name, truncate_size)
 
+    @property
+    def runner(self):
+        """The in-process model runner (tp_size 1 only; TP ranks live in worker processes)."""
+        return self.executor.runner
+
     def shutdown(self) -> None:
-        """Stop the loop; requests still in flight finish with finish_reason abort."""
+        """Stop the loop (requests in flight finish with finish_reason abort), then the ranks."""
         self.loop.stop()
+        self.executor.shutdown()
 
     def __enter__(self) -> Engine:
         return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -97,21 +98,34 @@ def _target(model: nn.Module, name: str, tensor: torch.Tensor, key: Key, tied: b
     return dst, src
 
 
-def load_weights(
+@dataclass
+class StagedWeights:
+    """Validated ``(destination, source)`` pairs, ready to copy; nothing written yet."""
+
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    names: list[str]
+
+    def commit(self) -> int:
+        with torch.no_grad():
+            for dst, src in self.pairs:
+                dst.copy_(src)
+        return len(self.names)
+
+
+def stage_weights(
     model: nn.Module,
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     *,
     require_complete: bool,
     expected_dtype: torch.dtype | None = None,
-) -> list[str]:
-    """Validate every tensor, then copy all of them into the model; returns the names loaded.
+) -> StagedWeights:
+    """Map and validate every tensor (names, shapes, and dtype when ``expected_dtype`` is set).
 
     ``require_complete``: every parameter must be provided (checkpoint load and full refits).
-    ``expected_dtype``: if set, each tensor must already have it (refits; no silent casts).
-    Raises ModelLoadError naming the first bad tensor; on error nothing has been written.
+    Raises ModelLoadError naming the first bad tensor; the model is never touched here.
     """
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     seen: dict[Key, str] = {}
     for name, tensor in named_tensors:
         if name.endswith(SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
@@ -126,7 +140,7 @@ def load_weights(
         if key in seen:
             raise ModelLoadError(f"weight {name!r} given twice (also as {seen[key]!r})")
         seen[key] = name
-        pending.append(_target(model, name, tensor, key, tied))
+        pairs.append(_target(model, name, tensor, key, tied))
     if require_complete:
         missing = expected_keys(model) - set(seen)
         if missing:
@@ -134,10 +148,22 @@ def load_weights(
                 f"{p}.{leaf}" + (f"[{s}]" if s is not None else "") for p, leaf, s in missing
             )
             raise ModelLoadError(f"missing weights: {shown[:8]}{' ...' if len(shown) > 8 else ''}")
-    with torch.no_grad():
-        for dst, src in pending:
-            dst.copy_(src)
-    return list(seen.values())
+    return StagedWeights(pairs, list(seen.values()))
+
+
+def load_weights(
+    model: nn.Module,
+    named_tensors,
+    *,
+    require_complete: bool,
+    expected_dtype: torch.dtype | None = None,
+) -> list[str]:
+    """Stage then commit: on error nothing has been written. Returns the names loaded."""
+    staged = stage_weights(
+        model, named_tensors, require_complete=require_complete, expected_dtype=expected_dtype
+    )
+    staged.commit()
+    return staged.names
 
 
 def param_view(model: nn.Module, name: str) -> torch.Tensor:

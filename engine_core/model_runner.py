@@ -9,7 +9,13 @@ import torch
 
 from engine_core.config import EngineConfig
 from engine_core.layers.attention import AttentionMetadata, DecodeGroup, PrefillSeq
-from engine_core.loader import iter_checkpoint, load_weights, param_view
+from engine_core.loader import (
+    StagedWeights,
+    iter_checkpoint,
+    load_weights,
+    param_view,
+    stage_weights,
+)
 from engine_core.model_config import ModelConfig
 from engine_core.models.llama import Backend, LlamaFamilyForCausalLM
 from engine_core.parallel import TPContext
@@ -51,6 +57,7 @@ class ModelRunner:
         load_weights(self.model, iter_checkpoint(config.model_path), require_complete=True)
         self.num_pages = self._num_pages()
         self._allocate_kv_cache()
+        self._staged: StagedWeights | None = None
 
     def _build_model(self, context_length: int) -> LlamaFamilyForCausalLM:
         backend = Backend()
@@ -76,14 +83,16 @@ class ModelRunner:
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, sample: bool = True) -> StepResult | None:
+        """Run one step. TP ranks other than 0 pass ``sample=False``: they join the forward's
+        collectives (including the LM head's gather) but leave sampling to rank 0."""
         ids, positions, meta = self._prepare(plan)
         hidden = self.model(ids, positions, meta)
         if not plan.logit_rows:
             return StepResult([], None, [])
         rows = torch.tensor(plan.logit_rows, dtype=torch.long, device=self.device)
         logits = self.model.logits(hidden.index_select(0, rows))
-        return self._sample(logits, plan)
+        return self._sample(logits, plan) if sample else None
 
     def _prepare(self, plan: StepPlan):
         ids: list[int] = []
@@ -226,16 +235,35 @@ class ModelRunner:
         values, indices = values.tolist(), indices.tolist()
         return [list(zip(values[i][:n], indices[i][:n])) for i, n in enumerate(nums)]
 
-    # ---- weights (the same ingest path as checkpoint load) ----
-    def update_weights(self, named_tensors, *, require_complete: bool, strict_dtype: bool) -> int:
-        """Validate then copy; on any error nothing was written. Returns tensors loaded."""
-        loaded = load_weights(
+    # ---- weights (the same ingest path as checkpoint load), two-phase for TP atomicity ----
+    def stage_weights(self, named_tensors, *, require_complete: bool, strict_dtype: bool) -> int:
+        """Validate this rank's shards of ``named_tensors``; nothing is written until commit."""
+        self._staged = stage_weights(
             self.model,
             named_tensors,
             require_complete=require_complete,
             expected_dtype=self.dtype if strict_dtype else None,
         )
-        return len(loaded)
+        return len(self._staged.names)
+
+    def stage_checkpoint(self, model_path: str) -> int:
+        return self.stage_weights(
+            iter_checkpoint(model_path), require_complete=True, strict_dtype=False
+        )
+
+    def commit_weights(self) -> int:
+        staged, self._staged = self._staged, None
+        assert staged is not None, "commit_weights without stage_weights"
+        return staged.commit()
+
+    def discard_weights(self) -> None:
+        self._staged = None
 
     def get_weight(self, name: str) -> torch.Tensor:
         return param_view(self.model, name)
+
+    def get_weight_values(self, name: str, truncate_size: int) -> list[float]:
+        return self.get_weight(name).flatten()[:truncate_size].float().tolist()
+
+    def info(self) -> dict:
+        return {"num_pages": self.num_pages, "dtype": str(self.dtype).replace("torch.", "")}

@@ -90,6 +90,12 @@ class WeightGroup:
         self._pg = pg
         self._store = store  # keeps the TCPStore (server on rank 0) alive as long as the group
 
+    @property
+    def process_group(self) -> Any:
+        """The raw torch ProcessGroup (call its methods directly; it is outside the default
+        world, so ``torch.distributed`` free functions reject it)."""
+        return self._live_pg("process_group")
+
     def error(self, what: str, exc: BaseException) -> WeightSyncError:
         """Build the error for a failed ``what`` (timeout vs. other failure)."""
         where = f"weight-sync group {self.name!r} (rank {self.rank}/{self.world_size})"

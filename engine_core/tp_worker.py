@@ -1,0 +1,83 @@
+"""One TP rank's process: joins the TP group, builds its model shard, serves executor calls."""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+from engine_core.config import EngineConfig
+from engine_core.model_config import ModelConfig
+
+
+def worker_main(
+    rank: int,
+    conn: Any,
+    config: EngineConfig,
+    model_cfg: ModelConfig,
+    context_length: int,
+    group: dict,
+    threads: int,
+) -> None:
+    """Serve ``(method, args, kwargs)`` calls until ``__exit__``; reply ``(status, value)``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        runner, tp_group = _start(rank, config, model_cfg, context_length, group)
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", None))
+    try:
+        _serve(rank, conn, runner)
+    finally:
+        tp_group.destroy()
+
+
+def _start(
+    rank: int, config: EngineConfig, model_cfg: ModelConfig, context_length: int, group: dict
+):
+    import torch
+
+    from engine_core.model_runner import ModelRunner
+    from engine_core.parallel import TPContext
+    from weight_sync.group import create_group
+
+    device = None
+    if config.device == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    tp_group = create_group(
+        "127.0.0.1",
+        group["port"],
+        rank,
+        group["size"],
+        group["name"],
+        backend="nccl" if config.device == "cuda" else "gloo",
+        timeout_s=600.0,
+        device=device,
+    )
+    tp = TPContext(
+        rank=rank,
+        size=group["size"],
+        group=tp_group.process_group,
+        ordered_all_reduce=config.deterministic_all_reduce,
+    )
+    return ModelRunner(config, model_cfg, context_length, tp), tp_group
+
+
+def _serve(rank: int, conn: Any, runner: Any) -> None:
+    while True:
+        try:
+            method, args, kwargs = conn.recv()
+        except EOFError:  # the engine process went away
+            return
+        if method == "__exit__":
+            return
+        if method == "execute" and rank != 0:
+            kwargs = dict(kwargs, sample=False)
+        try:
+            value = getattr(runner, method)(*args, **kwargs)
+            conn.send(("ok", value if rank == 0 else None))
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
