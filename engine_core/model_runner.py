@@ -53,6 +53,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config, model_cfg)
         self.page_size = config.page_size
+        self.deterministic_matmul = "off"
         self.model = self._build_model(context_length)
         load_weights(self.model, iter_checkpoint(config.model_path), require_complete=True)
         self.num_pages = self._num_pages()
@@ -60,14 +61,36 @@ class ModelRunner:
         self._staged: StagedWeights | None = None
 
     def _build_model(self, context_length: int) -> LlamaFamilyForCausalLM:
-        backend = Backend()
-        if self.config.deterministic:
-            import kernels
-
-            backend = Backend(linear=kernels.batch_invariant_linear)
+        backend = (
+            Backend(linear=self._deterministic_linear()) if self.config.deterministic else Backend()
+        )
         with torch.device(self.device):
             model = LlamaFamilyForCausalLM(self.model_cfg, self.tp, context_length, backend)
         return model.to(self.dtype).eval()
+
+    def _deterministic_linear(self):
+        """A batch-invariant matmul: Triton on CUDA; on CPU the BLAS itself when the start-up
+        probe proves its rows batch-invariant for every weight shape, else fixed M tiles."""
+        import kernels
+        from kernels.invariant_linear import padded_linear, rows_invariant
+
+        if self.device.type == "cuda":
+            return kernels.batch_invariant_linear
+        mc, tp = self.model_cfg, self.tp.size
+        local_qkv = (mc.num_heads // tp + 2 * max(1, mc.num_kv_heads // tp)) * mc.head_dim
+        shapes = [
+            (mc.hidden_size, local_qkv),
+            (mc.q_size // tp, mc.hidden_size),
+            (mc.hidden_size, 2 * mc.intermediate_size // tp),
+            (mc.intermediate_size // tp, mc.hidden_size),
+            (mc.hidden_size, -(-mc.vocab_size // tp)),
+        ]
+        threads = torch.get_num_threads()
+        if all(rows_invariant(k, n, self.dtype, threads) for k, n in shapes):
+            self.deterministic_matmul = "blas (proved row-invariant at start-up)"
+            return padded_linear
+        self.deterministic_matmul = "fixed 16-row tiles"
+        return kernels.batch_invariant_linear
 
     def _num_pages(self) -> int:
         if self.config.max_total_tokens is not None:
@@ -114,6 +137,10 @@ class ModelRunner:
             self._add_varlen(plan, meta)
         elif self._use_c_kernel:
             self._add_rows(plan, meta)
+        elif self.config.deterministic:
+            # No C kernel (no compiler, or not fp32): the batch-invariant torch reference.
+            self._add_varlen(plan, meta)
+            meta.kernel_path = True
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
         return ids_t, torch.tensor(positions, dtype=torch.long, device=dev), meta
 

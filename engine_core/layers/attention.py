@@ -47,6 +47,7 @@ class AttentionMetadata:
     row_seq: torch.Tensor | None = None  # int64 [T]
     row_pos: torch.Tensor | None = None  # int64 [T]
     fixed_order: bool = False  # deterministic mode: every row through the batch-invariant kernel
+    kernel_path: bool = False  # use kernels.paged_attention (Triton on CUDA, reference on CPU)
     # Varlen form for the Triton kernel (CUDA): int32 tensors.
     page_table: torch.Tensor | None = None
     cu_q_lens: torch.Tensor | None = None
@@ -66,8 +67,8 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
         """q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq * D]."""
-        if q.is_cuda:
-            return self._forward_triton(q, k, v, meta)
+        if q.is_cuda or meta.kernel_path:
+            return self._forward_kernels(q, k, v, meta)
         page_size = self.k_cache.shape[1]
         flat_k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
@@ -136,7 +137,7 @@ class PagedAttention(nn.Module):
         o = o.view(hk, g, n, d).permute(2, 0, 1, 3).reshape(n, self.num_heads, d)
         out[seq.row_start : seq.row_start + n] = o
 
-    def _forward_triton(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+    def _forward_kernels(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         import kernels
 
         kernels.store_kv(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
