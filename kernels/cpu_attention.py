@@ -23,7 +23,9 @@ import tempfile
 import torch
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "paged_attention_cpu.c")
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]
+# -fopenmp: the library asks for libgomp.so.1, which resolves to the copy torch has already
+# loaded, so attention and torch's ops share one OpenMP thread pool (checked in /proc/maps).
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 
 
 def _cache_dir() -> str:
