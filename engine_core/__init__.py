@@ -3,6 +3,7 @@
 from engine_core.config import EngineConfig
 from engine_core.engine import Engine
 from engine_core.errors import (
+    EngineReleasedError,
     EngineStoppedError,
     InvalidConfigError,
     InvalidRequestError,
@@ -18,4 +19,5 @@ __all__ = [
     "InvalidConfigError",
     "ModelLoadError",
     "EngineStoppedError",
+    "EngineReleasedError",
 ]

@@ -45,6 +45,14 @@ class EngineConfig:
     # False = the backend's native all-reduce (benchmarked against each other).
     deterministic_all_reduce: bool = True
     weight_version: str = "default"
+    # RL control (engine_core.sleep): release the KV cache after this many idle seconds (None:
+    # never) and wake on the next request; also the weights when sleep_on_idle_weights.
+    sleep_on_idle_s: float | None = None
+    sleep_on_idle_weights: bool = False
+    # Keep released weights in pinned host memory (None: on CUDA only; on CPU it frees nothing).
+    weights_host_copy: bool | None = None
+    # A request while memory is released by hand: "raise" EngineReleasedError, or "wait".
+    generate_while_released: str = "raise"
 
     def __post_init__(self) -> None:
         self._check_choice("dtype", self.dtype, DTYPES)
@@ -62,6 +70,25 @@ class EngineConfig:
             self._check_positive("context_length", self.context_length)
         if not isinstance(self.seed, int):
             raise InvalidConfigError("seed", self.seed, "must be an int")
+        self._check_control()
+
+    def _check_control(self) -> None:
+        idle = self.sleep_on_idle_s
+        if idle is not None and (isinstance(idle, bool) or not isinstance(idle, (int, float))):
+            raise InvalidConfigError("sleep_on_idle_s", idle, "must be a number of seconds")
+        if idle is not None and not idle > 0:
+            raise InvalidConfigError("sleep_on_idle_s", idle, "must be > 0 (None: off)")
+        for name in ("sleep_on_idle_weights", "weights_host_copy"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "weights_host_copy"):
+                raise InvalidConfigError(name, value, "must be a bool")
+        if self.weights_host_copy and self.device != "cuda":
+            raise InvalidConfigError(
+                "weights_host_copy", True, "a host copy of CPU weights frees no memory"
+            )
+        self._check_choice(
+            "generate_while_released", self.generate_while_released, ("raise", "wait")
+        )
 
     @staticmethod
     def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from engine_core import inputs
 from engine_core.config import EngineConfig
+from engine_core.control import ControlAPI, EngineControl
 from engine_core.engine_loop import EngineLoop
 from engine_core.errors import EngineStoppedError, InvalidRequestError
 from engine_core.executor import make_executor
@@ -26,6 +27,7 @@ from engine_core.model_config import load_model_config
 from engine_core.outputs import final_output, meta_info
 from engine_core.page_pool import PagePool, pages_needed
 from engine_core.parallel import check_tp_divisibility
+from engine_core.refit import WeightSyncAPI
 from engine_core.request import Request
 from engine_core.sampling_params import SamplingParams
 from engine_core.scheduler import Scheduler
@@ -36,8 +38,14 @@ from engine_core.weights import WeightUpdater
 _GOLDEN = 0x9E3779B97F4A7C15
 
 
-class Engine:
-    """One inference engine: ``Engine(model_path, **EngineConfig fields)``."""
+class Engine(WeightSyncAPI, ControlAPI):
+    """One inference engine: ``Engine(model_path, **EngineConfig fields)``.
+
+    Refits from a trainer (``update_weights_from_tensor``, ``init_weights_update_group``,
+    ``update_weights_from_distributed``, ``get_weights_checksum``, ...) come from
+    ``engine_core.refit.WeightSyncAPI``; RL control (release/resume memory, sleep-on-idle,
+    pause/continue) from ``engine_core.control.ControlAPI``.
+    """
 
     def __init__(self, model_path: str, **kwargs: Any) -> None:
         self.config = EngineConfig.from_kwargs(model_path, **kwargs)
@@ -65,6 +73,7 @@ class Engine:
             lambda: self.weights.version,
         )
         self.weights = WeightUpdater(self.loop, self.executor, mc, self.config.weight_version)
+        self.control = EngineControl.attach(self)
 
     def _context_length(self) -> int:
         mc = self.model_config
@@ -309,10 +318,12 @@ class Engine:
         return iterate()
 
     def _submit(self, reqs: list[Request], sinks: list) -> None:
-        if not self.loop.alive:
+        alive = self.loop.alive
+        error = self.control.submit_error() if alive else EngineStoppedError("engine is shut down")
+        if error is not None:
             with self._lock:
                 self._active.difference_update(r.rid for r in reqs)
-            raise EngineStoppedError("engine is shut down")
+            raise error
         self.loop.submit(reqs, sinks)
 
     def abort_request(self, rid: str | None = None, abort_all: bool = False) -> None:
@@ -334,6 +345,7 @@ class Engine:
             "num_free_pages": self.pool.num_free,
             "max_total_num_tokens": self.pool.capacity_tokens,
             "num_retractions": self.scheduler.stats.num_retractions,
+            **self.control.info(),
             "generated_tokens": stats.generated_tokens,
             "steps": stats.steps,
             "decode_throughput": stats.generated_tokens / stats.busy_seconds
@@ -363,6 +375,7 @@ class Engine:
     def shutdown(self) -> None:
         """Stop the loop (requests in flight finish with finish_reason abort), then the ranks."""
         self.loop.stop()
+        self.close_weight_sync()
         self.executor.shutdown()
 
     def __enter__(self) -> Engine:

@@ -28,6 +28,29 @@ class Sink(Protocol):
     def on_finish(self, req: Request, text: str) -> None: ...
 
 
+class LoopControl(Protocol):
+    """Gates the loop's steps (pause, released memory) and ticks idle timers; see
+    ``engine_core.control``. ``runnable``/``idle_timeout`` are cheap and may run under the
+    loop's lock; ``tick`` runs on the loop thread before each would-be step."""
+
+    def runnable(self) -> bool: ...
+    def tick(self, has_work: bool) -> None: ...
+    def idle_timeout(self) -> float | None: ...
+
+
+class NoControl:
+    """Default: always step, no timers."""
+
+    def runnable(self) -> bool:
+        return True
+
+    def tick(self, has_work: bool) -> None:
+        pass
+
+    def idle_timeout(self) -> float | None:
+        return None
+
+
 @dataclass
 class LoopStats:
     steps: int = 0
@@ -58,6 +81,7 @@ class EngineLoop:
         self._inbox: list[tuple[str, Any]] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self.control: LoopControl = NoControl()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -100,6 +124,16 @@ class EngineLoop:
             raise box["error"]
         return box.get("result")
 
+    def set_control(self, control: LoopControl) -> None:
+        with self._cond:
+            self.control = control
+            self._cond.notify()  # re-evaluate the wait with the new control's timeout
+
+    def abort_now(self, message: str) -> None:
+        """Loop thread only (e.g. inside ``call``): finish every request with finish_reason
+        abort and its partial output, before the next step."""
+        self._abort_all(message)
+
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
@@ -114,8 +148,11 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._inbox and not self.scheduler.has_work() and not self._stopping:
-                    self._cond.wait()
+                while not self._inbox and not self._runnable() and not self._stopping:
+                    timeout = self.control.idle_timeout()
+                    if timeout is not None and timeout <= 0:
+                        break  # idle long enough: tick() below acts on it
+                    self._cond.wait(timeout)
                 if self._stopping:
                     for kind, payload in self._inbox:
                         if kind == "call":
@@ -125,12 +162,16 @@ class EngineLoop:
             try:
                 for kind, payload in inbox:
                     self._handle(kind, payload)
-                if self.scheduler.has_work():
+                self.control.tick(self.scheduler.has_work())
+                if self._runnable():
                     self._step()
             except Exception as exc:  # a bug here must not strand callers or kill the loop
                 log.exception("engine loop iteration failed")
                 self._abort_all(f"engine error: {exc!r}")
         self._abort_all("engine shut down")
+
+    def _runnable(self) -> bool:
+        return self.scheduler.has_work() and self.control.runnable()
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "call":

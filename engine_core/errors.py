@@ -7,29 +7,41 @@ field and value; the engine keeps serving after raising it.
 from __future__ import annotations
 
 
-class InvalidRequestError(ValueError):
-    """A generate call carried a bad argument (names the field and the value)."""
+class _FieldError(ValueError):
+    """Base of the errors that name a field; picklable (they cross Ray and process pipes)."""
+
+    prefix = "invalid"
 
     def __init__(self, field: str, value: object, reason: str) -> None:
         shown = repr(value)
         if len(shown) > 200:
             shown = shown[:200] + "..."
-        super().__init__(f"invalid {field}={shown}: {reason}")
+        super().__init__(f"{self.prefix} {field}={shown}: {reason}")
         self.field = field
         self.value = value
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (self.field, self.value, self.reason))
 
 
-class InvalidConfigError(ValueError):
+class InvalidRequestError(_FieldError):
+    """A generate call carried a bad argument (names the field and the value)."""
+
+
+class InvalidConfigError(_FieldError):
     """An engine configuration field is out of range or inconsistent."""
 
-    def __init__(self, field: str, value: object, reason: str) -> None:
-        super().__init__(f"invalid config {field}={value!r}: {reason}")
-        self.field = field
-        self.value = value
+    prefix = "invalid config"
 
 
 class ModelLoadError(ValueError):
     """A checkpoint could not be loaded (unknown architecture, missing/corrupt/bad tensor)."""
+
+
+class EngineReleasedError(RuntimeError):
+    """The engine's memory is released (``release_memory_occupation``) or its weights await a
+    refit; resume it (or refit) before generating."""
 
 
 class EngineStoppedError(RuntimeError):

@@ -16,6 +16,7 @@ from engine_core.loader import (
     param_view,
     stage_weights,
 )
+from engine_core.memory import RunnerMemory
 from engine_core.model_config import ModelConfig
 from engine_core.models.llama import Backend, LlamaFamilyForCausalLM
 from engine_core.parallel import TPContext
@@ -37,8 +38,8 @@ def kv_bytes_per_page(model_cfg: ModelConfig, local_kv_heads: int, page_size: in
     return 2 * model_cfg.num_layers * page_size * local_kv_heads * model_cfg.head_dim * elem
 
 
-class ModelRunner:
-    """Holds one rank's model shard and KV cache."""
+class ModelRunner(RunnerMemory):
+    """Holds one rank's model shard and KV cache (release/restore: ``RunnerMemory``)."""
 
     def __init__(
         self,
@@ -285,6 +286,17 @@ class ModelRunner:
 
     def discard_weights(self) -> None:
         self._staged = None
+
+    # ---- trainer refits (weight-update groups, shared buckets, held updates, checksums) ----
+    @functools.cached_property
+    def refit(self):
+        from engine_core.refit_rank import RankRefit
+
+        return RankRefit(self)
+
+    def refit_call(self, method: str, *args, **kwargs):
+        """Run ``RankRefit.<method>`` on this rank (the executor calls it on every rank)."""
+        return getattr(self.refit, method)(*args, **kwargs)
 
     def get_weight(self, name: str) -> torch.Tensor:
         return param_view(self.model, name)

@@ -46,6 +46,11 @@ class WeightUpdater:
         self.model_cfg = model_cfg
         self.version = version
         self.on_flush = on_flush  # drops cached KV (prefix cache) computed with old weights
+        # Runs first in every refit, on the loop thread (engine_core.sleep: weights resident?).
+        self.guard: Callable[[], None] = lambda: None
+        # (directory, version) of the last refit from disk; None after a tensor refit. The
+        # weights can be re-read from it while the version is still that one.
+        self.checkpoint: tuple[str, str] | None = None
 
     def apply(
         self,
@@ -81,6 +86,7 @@ class WeightUpdater:
         """Every rank validates (stage) before any rank writes (commit): atomic across TP."""
 
         def run() -> dict:
+            self.guard()
             try:
                 count = self.executor.call(stage, *args, **kwargs)
             except BaseException:
@@ -90,6 +96,8 @@ class WeightUpdater:
             if flush_cache:
                 self.on_flush()
             self.version = self._next_version(version)
+            from_disk = stage == "stage_checkpoint"
+            self.checkpoint = (args[0], self.version) if from_disk else None
             return {"success": True, "num_tensors": count, "weight_version": self.version}
 
         return self.loop.call(run)

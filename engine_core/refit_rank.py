@@ -1,0 +1,251 @@
+"""One TP rank's side of trainer refits: weight-update groups, staging, held updates, checksums.
+
+Owned by a ``ModelRunner`` (``runner.refit``) and reached through ``ModelRunner.refit_call``,
+which the executor runs on every rank at once. Loading always goes through
+``ModelRunner.stage_weights`` (the one ingest path: HF names, fused q/k/v and gate/up, TP
+shards, tied embeddings); this module only decides where the tensors come from.
+
+Held updates (``stage_distributed(..., hold=True)`` / ``restage_held`` / ``discard_held``) let
+several engines stage one update each and commit only once every engine staged successfully.
+One update is held at a time: its received ``(name, view)`` pairs (views into the group's
+staging arena), not destination views -- the engine may move its parameters' storage in
+between (sleep / wake), so the commit validates again against the live parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine_core.errors import ModelLoadError
+from engine_core.loader import (
+    SKIPPED_SUFFIXES,
+    _owner_key,
+    checkpoint_files,
+    expected_keys,
+    param_view,
+)
+from engine_core.models.llama import PACKED
+from weight_sync import (
+    UpdatePlan,
+    WeightGroup,
+    WeightSyncError,
+    create_group,
+    iter_colocated,
+)
+from weight_sync.checksum import tensor_checksum
+from weight_sync.staging import StagingArena
+
+_UNPACKED = {(fused, shard): hf for hf, (fused, shard) in PACKED.items()}
+_SHARD_ORDER = {None: 0, "q": 0, "k": 1, "v": 2, 0: 0, 1: 1}  # HF order within a fused layer
+
+
+@dataclass
+class _Member:
+    """This rank's membership of one weight-update group and the arena it receives into."""
+
+    group: WeightGroup
+    arena: StagingArena
+    broken: str | None = None  # set after a transport error: the stream may be out of sync
+
+    def close(self) -> None:
+        self.arena.close()
+        self.group.destroy()
+
+
+class RankRefit:
+    """Per-rank refit state; every method runs on every TP rank in the same order."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.members: dict[str, _Member] = {}
+        self.held: list[tuple[str, torch.Tensor]] | None = None
+        self.held_group: str | None = None
+
+    # ---------------------------------------------------------------- groups
+    def init_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+        timeout_s: float,
+    ) -> int:
+        """Join ``group_name`` as rank ``rank_offset + tp_rank``; returns that rank."""
+        if group_name in self.members:
+            raise ValueError(f"weight-update group {group_name!r} already exists on this engine")
+        rank = rank_offset + self.runner.tp.rank
+        device = self.runner.device if backend == "nccl" else torch.device("cpu")
+        group = create_group(
+            master_address,
+            master_port,
+            rank,
+            world_size,
+            group_name,
+            backend=backend,
+            timeout_s=timeout_s,
+            device=device,
+        )
+        # Receive on the group's device (CPU for gloo); staging views are copied at commit.
+        self.members[group_name] = _Member(group, StagingArena(group.device))
+        return rank
+
+    def destroy_group(self, group_name: str) -> bool:
+        """Leave ``group_name`` (a held update received through it is dropped); idempotent."""
+        member = self.members.pop(group_name, None)
+        if self.held_group == group_name:
+            self.discard_held()
+        if member is None:
+            return False
+        member.close()
+        return True
+
+    def _member(self, group_name: str) -> _Member:
+        member = self.members.get(group_name)
+        if member is None:
+            known = sorted(self.members) or "none"
+            raise ValueError(f"no weight-update group {group_name!r} on this engine ({known})")
+        if member.broken is not None:
+            raise WeightSyncError(
+                f"weight-update group {group_name!r} failed earlier ({member.broken}); "
+                "destroy_weights_update_group and init it again"
+            )
+        return member
+
+    # ---------------------------------------------------------------- staging
+    def stage_distributed(
+        self,
+        group_name: str,
+        plan: UpdatePlan | None,
+        metas: Sequence | None = None,
+        hold: bool = False,
+    ) -> int:
+        """Receive a whole update (``plan``: bucket protocol, else ``metas``: one broadcast per
+        tensor) into the arena, then validate this rank's shards; nothing is written. With
+        ``hold`` the validated update is kept for ``restage_held`` instead of the runner's
+        ``commit_weights``."""
+        if self.held_group == group_name:
+            raise RuntimeError(
+                f"an update received through {group_name!r} is still held; commit or discard it"
+            )
+        member = self._member(group_name)
+        try:
+            if plan is not None:
+                pairs = member.arena.receive(member.group, plan)
+            else:
+                pairs = member.arena.receive_tensors(member.group, metas or [])
+        except BaseException as exc:
+            # Only a sender's abort header leaves the stream in sync (it is the update's last
+            # message); after anything else this rank and the sender disagree on what is next.
+            if not (isinstance(exc, WeightSyncError) and "sender aborted" in str(exc)):
+                first = (str(exc).splitlines() or [""])[0][:300]
+                member.broken = f"{type(exc).__name__}: {first}"
+            raise
+        count = self.stage_pairs(pairs)
+        if hold:
+            self.runner.discard_weights()  # only the received pairs are kept, see the module doc
+            self.held, self.held_group = pairs, group_name
+        return count
+
+    def stage_colocated(self, handles: Sequence[Any]) -> int:
+        """Map the trainer's shared buckets (no copy) and validate this rank's shards."""
+        return self.stage_pairs(iter_colocated(handles))
+
+    def stage_pairs(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> int:
+        # Refits must match the engine's dtype exactly (no silent casts of trainer tensors).
+        return self.runner.stage_weights(pairs, require_complete=False, strict_dtype=True)
+
+    # ---------------------------------------------------------------- held updates
+    def restage_held(self) -> int:
+        """Validate the held update again against the live parameters, for ``commit_weights``
+        (phase one of the commit; the held pairs stay until ``discard_held``)."""
+        if self.held is None:
+            raise RuntimeError("no staged update to commit")
+        return self.stage_pairs(self.held)
+
+    def discard_held(self) -> None:
+        self.held, self.held_group = None, None
+
+    def has_held(self) -> bool:
+        return self.held is not None
+
+    # ---------------------------------------------------------------- checksums
+    def checksums(self, names: Sequence[str] | None) -> dict[str, str]:
+        """``{HF name: sha256}`` of the full tensors (gathered across TP ranks); rank 0's result
+        is the answer (other ranks only contribute their shards)."""
+        model = self.runner.model
+        names = list(names) if names is not None else hf_names(model)
+        if self.runner.tp.size == 1:
+            return {name: tensor_checksum(param_view(model, name)) for name in names}
+        shapes = self._full_shapes(names)
+        return {name: tensor_checksum(self._gather(name, shapes[name])) for name in names}
+
+    def _full_shapes(self, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        # The checkpoint header gives every HF shape (refits never change the architecture).
+        from safetensors import safe_open
+
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path in checkpoint_files(self.runner.config.model_path):
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        if "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:
+            shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]  # tied
+        missing = [n for n in names if n not in shapes]
+        if missing:
+            raise ModelLoadError(f"unknown weight names {missing[:5]}")
+        return shapes
+
+    def _gather(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The full HF tensor behind ``name``, rebuilt from every rank's shard.
+
+        Each rank asks its layer where an index probe of the full shape lands (the same
+        ``shard_target`` the loader uses), writes its values there into a zero buffer, and a
+        byte-wise MAX all-reduce merges the ranks: every element is owned by at least one rank,
+        replicas hold identical bytes and non-owners contribute zeros, so the bytes are exact.
+        """
+        model, device = self.runner.model, self.runner.device
+        path, leaf, shard_id = _owner_key(name)
+        module = model.get_submodule(path) if path else model
+        if getattr(module, "tied", False):
+            path, leaf, shard_id = _owner_key("model.embed_tokens.weight")
+            module = model.get_submodule(path)
+        numel = 1
+        for d in shape:
+            numel *= d
+        probe = torch.arange(numel, device=device).view(shape)
+        dst, src = module.shard_target(leaf, probe, shard_id)
+        full = torch.zeros(numel, dtype=dst.dtype, device=device)
+        full[src.reshape(-1)] = dst.reshape(-1)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        self.runner.tp.group.allreduce([full.view(torch.uint8)], opts).wait()
+        return full.view(shape)
+
+    # ---------------------------------------------------------------- teardown
+    def close(self) -> None:
+        """Leave every group and free every arena (engine shutdown)."""
+        self.discard_held()
+        for name in list(self.members):
+            self.destroy_group(name)
+
+
+def hf_names(model: torch.nn.Module) -> list[str]:
+    """Every HF parameter name the model loads (fused layers split back into q/k/v, gate/up;
+    a tied LM head is left out: it is ``model.embed_tokens.weight``), in module order."""
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    names = []
+    keys = sorted(
+        expected_keys(model), key=lambda k: (order[k[0]], _SHARD_ORDER[k[2]], k[1] != "weight")
+    )
+    for path, leaf, shard in keys:
+        parent, _, last = path.rpartition(".")
+        hf = _UNPACKED.get((last, shard))
+        names.append(f"{parent}.{hf}.{leaf}" if hf else f"{path}.{leaf}")
+    return [n for n in names if not n.endswith(SKIPPED_SUFFIXES)]

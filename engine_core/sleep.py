@@ -1,0 +1,229 @@
+"""Engine-wide memory state: explicit release/resume and sleep-on-idle.
+
+Every method that changes memory runs on the engine loop thread, between two steps, and calls
+every TP rank (``executor.call``); ``engine_core.memory.RunnerMemory`` does the per-rank work.
+
+State: ``released`` is the set of tags ("weights", "kv_cache") whose memory is gone;
+``idle_released`` is the part the idle timer released, which the next request wakes
+transparently. Anything released explicitly blocks steps until ``resume``; a request submitted
+meanwhile raises ``EngineReleasedError`` (``generate_while_released="raise"``) or waits.
+
+Where resumed weights come from (``weights=`` of ``resume``): ``"host"`` (a copy kept at
+release: CUDA only), ``"checkpoint"`` (the last refit-from-disk directory, else the original
+model directory; only while no tensor/distributed refit came after it, since those leave no
+file to re-read), or ``"empty"`` (allocated, unfilled: the next refit must load every tensor;
+until one has, steps stay blocked). ``"auto"`` takes the first of those that applies, so after
+a tensor/distributed refit on CPU it is ``"empty"``: keep ``weights`` resident, or refit again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from engine_core.config import EngineConfig
+from engine_core.errors import EngineReleasedError
+from engine_core.memory import TAGS, WEIGHT_SOURCES
+from engine_core.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def normalize_tags(tags: Iterable[str] | str | None) -> set[str]:
+    """``None`` means every tag; unknown tags raise ValueError naming them."""
+    if tags is None:
+        return set(TAGS)
+    chosen = {tags} if isinstance(tags, str) else set(tags)
+    unknown = chosen - set(TAGS)
+    if unknown:
+        raise ValueError(f"unknown memory tags {sorted(unknown)}; known: {list(TAGS)}")
+    return chosen
+
+
+class MemoryController:
+    """Owns which memory is released; its methods other than ``submit_error``/``runnable``/
+    ``idle_timeout``/``info`` must run on the loop thread."""
+
+    def __init__(self, config: EngineConfig, executor: Any, scheduler: Scheduler, weights: Any):
+        self.config = config
+        self.executor = executor
+        self.scheduler = scheduler
+        self.weights = weights  # WeightUpdater: version and last checkpoint
+        if getattr(weights, "checkpoint", None) is None:
+            weights.checkpoint = (config.model_path, weights.version)
+        self.host_copy = (
+            config.device == "cuda"
+            if config.weights_host_copy is None
+            else (config.weights_host_copy)
+        )
+        # Frozen sets, replaced whole: other threads read them without a lock. An idle release
+        # marks its tags idle before released, so a reader never sees it as a manual one.
+        self.released: frozenset[str] = frozenset()
+        self.idle_released: frozenset[str] = frozenset()
+        self.awaiting_refit: str | None = None  # version at an "empty" resume, until refilled
+        self._checked_version: str | None = None
+        self._kept_host_copy = False
+        self.last_active = time.monotonic()
+        self.num_idle_sleeps = 0
+        self.asleep = False  # an idle release completed and no wake since
+        self.wake_latencies: deque[float] = deque(maxlen=32)
+        self.last_release_s = 0.0
+
+    # ---------------------------------------------------------------- queries (any thread)
+    def runnable(self) -> bool:
+        """May steps run now? Idle-released memory does not block: ``tick`` wakes it first."""
+        released, idle = self.released, self.idle_released
+        return released <= idle and self.awaiting_refit is None
+
+    def submit_error(self, verify: Callable[[Callable[[], None]], None]) -> Exception | None:
+        """The error a new request gets now (None: accept it). ``verify`` runs a function on the
+        loop thread: used once after the refit that follows an ``"empty"`` resume."""
+        if self.awaiting_refit is not None and self.weights.version != self.awaiting_refit:
+            verify(self._verify_refit)
+        if self.runnable() or self.config.generate_while_released == "wait":
+            return None
+        if self.awaiting_refit is not None:
+            return EngineReleasedError(
+                "weights were resumed empty (resume_memory_occupation(weights='empty')) and no "
+                "complete refit has filled them yet; refit first"
+            )
+        return EngineReleasedError(
+            f"engine memory {sorted(self.released - self.idle_released)} is released; call "
+            "resume_memory_occupation() first (or set generate_while_released='wait')"
+        )
+
+    def idle_timeout(self) -> float | None:
+        """Seconds until the idle timer fires; None when it cannot (off, busy, asleep)."""
+        if self.config.sleep_on_idle_s is None or self.scheduler.has_work():
+            return None
+        if "kv_cache" in self.released:
+            return None  # already asleep (or released by hand)
+        return self.last_active + self.config.sleep_on_idle_s - time.monotonic()
+
+    def restorable(self) -> bool:
+        """Whether the current weights equal the recorded checkpoint's (re-readable)."""
+        checkpoint = getattr(self.weights, "checkpoint", None)
+        return checkpoint is not None and checkpoint[1] == self.weights.version
+
+    def info(self) -> dict[str, Any]:
+        lat = list(self.wake_latencies)
+        return {
+            "released": sorted(self.released),
+            "asleep_on_idle": self.asleep,
+            "awaiting_refit": self.awaiting_refit is not None,
+            "num_idle_sleeps": self.num_idle_sleeps,
+            "num_wakes": len(lat),
+            "last_wake_latency_s": lat[-1] if lat else None,
+            "mean_wake_latency_s": sum(lat) / len(lat) if lat else None,
+            "last_release_s": self.last_release_s,
+        }
+
+    # ---------------------------------------------------------------- loop thread
+    def release(self, tags: set[str], idle: bool = False) -> dict[str, Any]:
+        """Free ``tags`` on every rank. KV first retracts running requests (their tokens are
+        kept; they recompute their KV after resume)."""
+        started = time.perf_counter()
+        freed: dict[str, int] = {}
+        if idle:
+            self.idle_released = self.idle_released | (tags - self.released)
+        else:
+            self.idle_released = self.idle_released - tags  # now held released by the caller
+        if "kv_cache" in tags and "kv_cache" not in self.released:
+            for req in reversed(list(self.scheduler.running)):  # newest first keeps order
+                self.scheduler.retract(req)
+            self.released = self.released | {"kv_cache"}
+            freed["kv_cache"] = self.executor.call("release_kv_cache")
+        if "weights" in tags and "weights" not in self.released:
+            self.released = self.released | {"weights"}
+            freed["weights"] = self.executor.call("release_weights", self.host_copy)
+            self._kept_host_copy = self.host_copy
+        self.asleep = self.asleep and bool(self.idle_released)
+        self.last_release_s = time.perf_counter() - started
+        return {"released": sorted(self.released), "freed_bytes": freed}
+
+    def resume(self, tags: set[str], weights: str = "auto") -> dict[str, Any]:
+        """Re-allocate ``tags`` on every rank; weights from ``weights`` (see module doc)."""
+        if weights != "auto" and weights not in WEIGHT_SOURCES:
+            raise ValueError(f"weights={weights!r}: must be 'auto' or one of {WEIGHT_SOURCES}")
+        started = time.perf_counter()
+        result: dict[str, Any] = {}
+        if "weights" in tags and "weights" in self.released:
+            source = self._weights_source(weights)
+            path = self.weights.checkpoint[0] if source == "checkpoint" else None
+            self.executor.call("resume_weights", source, path)
+            self.released = self.released - {"weights"}
+            self.idle_released = self.idle_released - {"weights"}
+            self.awaiting_refit = self.weights.version if source == "empty" else None
+            result["weights_source"] = source
+        if "kv_cache" in tags and "kv_cache" in self.released:
+            self.executor.call("resume_kv_cache")
+            self.released = self.released - {"kv_cache"}
+            self.idle_released = self.idle_released - {"kv_cache"}
+        self.last_active = time.monotonic()
+        self.asleep = self.asleep and bool(self.idle_released)
+        result.update(released=sorted(self.released), seconds=time.perf_counter() - started)
+        return result
+
+    def _weights_source(self, wanted: str) -> str:
+        if wanted == "host" and not self._kept_host_copy:
+            raise ValueError("no host copy was kept at release (weights_host_copy is off)")
+        if wanted == "checkpoint" and not self.restorable():
+            raise ValueError(
+                f"weights version {self.weights.version!r} came from a tensor/distributed "
+                "refit, not from a checkpoint: resume with weights='empty' and refit"
+            )
+        if wanted != "auto":
+            return wanted
+        if self._kept_host_copy:
+            return "host"
+        return "checkpoint" if self.restorable() else "empty"
+
+    def before_refit(self) -> None:
+        """Refits need resident weights: wake idle-released ones, refuse released ones."""
+        if "weights" in self.idle_released:
+            self.resume({"weights"})
+        if "weights" in self.released:
+            raise EngineReleasedError(
+                "weights are released: resume_memory_occupation(['weights']) (weights='empty' "
+                "to skip re-reading them) before a refit"
+            )
+
+    def _verify_refit(self) -> None:
+        if self.awaiting_refit is None or self.weights.version == self._checked_version:
+            return
+        self._checked_version = self.weights.version
+        try:
+            self.executor.call("check_weights_loaded")
+        except Exception as exc:
+            log.warning("refit after an empty resume left weights unfilled: %s", exc)
+            return
+        self.awaiting_refit = None
+
+    def tick(self, has_work: bool, paused: bool) -> None:
+        """Each loop iteration: verify a refit after an empty resume, wake idle-released memory
+        when a request is about to run, or release after ``sleep_on_idle_s`` idle seconds."""
+        now = time.monotonic()
+        if self.awaiting_refit is not None and self.weights.version != self.awaiting_refit:
+            self._verify_refit()
+        if has_work:
+            self.last_active = now
+            if self.idle_released and not paused:
+                self._wake()
+            return
+        timeout = self.idle_timeout()
+        if timeout is not None and timeout <= 0:
+            tags = {"kv_cache"}
+            if self.config.sleep_on_idle_weights and (self.host_copy or self.restorable()):
+                tags.add("weights")  # else the weights could not be brought back: keep them
+            self.release(tags, idle=True)
+            self.num_idle_sleeps += 1
+            self.asleep = True
+
+    def _wake(self) -> None:
+        started = time.perf_counter()
+        self.asleep = False
+        self.resume(set(self.idle_released))
+        self.wake_latencies.append(time.perf_counter() - started)
