@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model-path", default=None, help="HF directory (default: SmolLM2-135M)")
     demo.add_argument("--n", type=int, default=2, help="samples per prompt")
     demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--engines", type=int, default=2, help="engine actors (Ray service)")
+    demo.add_argument("--in-process", action="store_true", help="one Engine, no Ray")
     serve = sub.add_parser("serve", help="run the Ray rollout service until interrupted")
     _add_service_args(serve)
     gen = sub.add_parser("generate", help="roll out a JSONL of prompts through the service")
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from rollout.demo import run_demo
 
-        run_demo(args.model_path, n=args.n, max_new_tokens=args.max_new_tokens)
+        run_demo(args.model_path, n=args.n, max_new_tokens=args.max_new_tokens,
+                 in_process=args.in_process, engines=args.engines)
         return 0
     if args.command == "serve":
         return cmd_serve(args)

@@ -1,8 +1,9 @@
 """The README's main job: a local rollout on the embedded default model.
 
-Converts SmolLM2-135M-Instruct once (see ``engine_core.default_model``), starts an engine, runs
-a small GRPO-style rollout (n samples per prompt, with logprobs) and prints the samples and
-throughput.
+Converts SmolLM2-135M-Instruct once (see ``engine_core.default_model``), deploys the rollout
+service locally (Ray on loopback, two engine actors, the driver sharding prompt groups), runs a
+small GRPO-style rollout (n samples per prompt, with logprobs) and prints the samples and
+throughput. ``--in-process`` runs the same rollout on one ``Engine`` without Ray.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ PROMPTS = [
 ]
 
 
-def chat_prompts(tokenizer: Any, questions: list[str]) -> list[str]:
+def chat_prompts(model_path: str, questions: list[str]) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     return [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
@@ -27,35 +31,47 @@ def chat_prompts(tokenizer: Any, questions: list[str]) -> list[str]:
     ]
 
 
-def run_demo(model_path: str | None = None, n: int = 2, max_new_tokens: int = 48) -> dict:
-    """Run the rollout and return a summary (also printed)."""
+def _rollout_in_process(path: str, prompts: list[str], params: dict) -> list[dict]:
     from engine_core import Engine
+
+    with Engine(path) as engine:
+        return engine.generate(prompts, params, return_logprob=True)
+
+
+def _rollout_service(path: str, prompts: list[str], params: dict, engines: int) -> list[dict]:
+    import rollout
+
+    config = {"mode": "local", "model_path": path, "num_engines": engines,
+              "cpus_per_rank": 2.0 / engines, "engine": {"kv_cache_memory_bytes": 128 << 20}}
+    with rollout.deploy(config) as service:
+        return service.generate(prompts, sampling_params=params, return_logprob=True)
+
+
+def run_demo(model_path: str | None = None, n: int = 2, max_new_tokens: int = 48,
+             in_process: bool = False, engines: int = 2) -> dict[str, Any]:
+    """Run the rollout and return a summary (also printed)."""
     from engine_core.default_model import ensure_default_model
 
     path = model_path or ensure_default_model()
     print(f"model: {path}")
-    with Engine(path) as engine:
-        prompts = chat_prompts(engine.tokenizer, PROMPTS)
-        params = {
-            "temperature": 0.8,
-            "top_p": 0.95,
-            "max_new_tokens": max_new_tokens,
-            "n": n,
-            "sampling_seed": 1234,
-        }
-        started = time.perf_counter()
-        outputs = engine.generate(prompts, params, return_logprob=True)
-        elapsed = time.perf_counter() - started
+    prompts = chat_prompts(path, PROMPTS)
+    params = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": max_new_tokens, "n": n,
+              "sampling_seed": 1234}
+    started = time.perf_counter()
+    if in_process:
+        outputs = _rollout_in_process(path, prompts, params)
+    else:
+        outputs = _rollout_service(path, prompts, params, engines)
+    elapsed = time.perf_counter() - started
     tokens = sum(o["meta_info"]["completion_tokens"] for o in outputs)
     for i, out in enumerate(outputs):
         meta = out["meta_info"]
         logprob = sum(lp for lp, _, _ in meta["output_token_logprobs"])
-        print(
-            f"\n[{PROMPTS[i // n]!r} sample {i % n}] {meta['finish_reason']['type']}, "
-            f"{meta['completion_tokens']} tokens, sum logprob {logprob:.2f}"
-        )
+        print(f"\n[{PROMPTS[i // n]!r} sample {i % n}] {meta['finish_reason']['type']}, "
+              f"{meta['completion_tokens']} tokens, sum logprob {logprob:.2f}, "
+              f"weights {meta['weight_version']}")
         print("  " + out["text"].strip().replace("\n", "\n  "))
-    print(
-        f"\n{len(outputs)} samples, {tokens} tokens in {elapsed:.1f}s: {tokens / elapsed:.1f} tok/s"
-    )
+    where = "one in-process engine" if in_process else f"{engines} engine actors"
+    print(f"\n{len(outputs)} samples, {tokens} tokens in {elapsed:.1f}s on {where} "
+          f"(including start-up): {tokens / elapsed:.1f} tok/s")
     return {"samples": len(outputs), "tokens": tokens, "seconds": elapsed}
