@@ -195,7 +195,8 @@ def test_two_process_reused_receiver_iterators_and_timeout(tmp_path: Path) -> No
     assert rx["first-2"] == "model.embed_tokens.weight" and rx["version-3"] == "step-3"
     assert rx["short"] == [1.0, 1.0, 1.0]
     assert "ws-test-b" in rx["timeout"] and "header 0/" in rx["timeout"]
-    assert 1.5 <= rx["waited"] < 10
+    # the 2 s timeout was honoured (not a speed claim: the upper bound only catches a hang)
+    assert rx["waited"] >= 1.5 and rx["waited"] < 120
     assert "does not match the plan at bucket 0" in rx["mismatch"] and "ws-test-c" in rx["mismatch"]
     assert sender["mismatch"].startswith("WeightSyncTimeout") and "ws-test-c" in sender["mismatch"]
 
