@@ -24,7 +24,8 @@ def _worker(rank: int, port: int, queue) -> None:
         x = torch.randn(4099, generator=gen) * torch.logspace(-6, 6, 4099)
         tp = TPContext(rank, WORLD, group.process_group, ordered_all_reduce=True)
         results = [tp.all_reduce(x.clone()) for _ in range(REPEATS)]
-        queue.put((rank, x, torch.stack(results)))
+        # numpy pickles by value; torch tensors would be shared by fd, which dies with us
+        queue.put((rank, x.numpy(), torch.stack(results).numpy()))
     finally:
         group.destroy()
 
@@ -36,7 +37,10 @@ def test_ordered_all_reduce_is_bitwise_stable_and_rank_ordered():
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    got = dict((rank, (x, res)) for rank, x, res in (queue.get(timeout=120) for _ in procs))
+    got = {
+        rank: (torch.from_numpy(x), torch.from_numpy(res))
+        for rank, x, res in (queue.get(timeout=120) for _ in procs)
+    }
     for p in procs:
         p.join(timeout=30)
     inputs = [got[r][0] for r in range(WORLD)]
