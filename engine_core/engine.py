@@ -9,15 +9,10 @@ with ``T`` the request's temperature (1.0 when greedy) — what a trainer recomp
 from __future__ import annotations
 
 import asyncio
-import itertools
 import queue
-import random
-import threading
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from engine_core import inputs
 from engine_core.config import EngineConfig
 from engine_core.control import ControlAPI, EngineControl
 from engine_core.engine_loop import EngineLoop
@@ -25,17 +20,15 @@ from engine_core.errors import EngineStoppedError, InvalidRequestError
 from engine_core.executor import make_executor
 from engine_core.model_config import load_model_config
 from engine_core.outputs import final_output, meta_info
-from engine_core.page_pool import PagePool, pages_needed
+from engine_core.page_pool import PagePool
 from engine_core.parallel import check_tp_divisibility
 from engine_core.refit import WeightSyncAPI
 from engine_core.request import Request
-from engine_core.sampling_params import SamplingParams
+from engine_core.request_factory import RequestFactory
 from engine_core.scheduler import Scheduler
 from engine_core.sinks import BlockingSink, FutureSink, StreamSink, StreamState
 from engine_core.tokenizer import load_tokenizer, stable_prefix
 from engine_core.weights import WeightUpdater
-
-_GOLDEN = 0x9E3779B97F4A7C15
 
 
 class Engine(WeightSyncAPI, ControlAPI):
@@ -61,10 +54,9 @@ class Engine(WeightSyncAPI, ControlAPI):
         self.scheduler = Scheduler(
             self.pool, self.config.max_running_requests, self.config.max_num_batched_tokens
         )
-        self._rng = random.Random(self.config.seed)
-        self._arrival = itertools.count()
-        self._lock = threading.Lock()
-        self._active: set[str] = set()
+        self.requests = RequestFactory(
+            self.tokenizer, mc.vocab_size, self.context_length, self.pool, self.config.seed
+        )
         self.loop = EngineLoop(
             self.scheduler,
             self.executor.execute,
@@ -81,114 +73,6 @@ class Engine(WeightSyncAPI, ControlAPI):
         # Sliding-window models run full attention; capping the context keeps that exact.
         return min(limit, mc.sliding_window) if mc.sliding_window else limit
 
-    # ------------------------------------------------------------------ requests
-    def _build_requests(
-        self,
-        prompt,
-        input_ids,
-        sampling_params,
-        return_logprob,
-        logprob_start_len,
-        top_logprobs_num,
-        rid,
-    ) -> tuple[list[Request], bool]:
-        if inputs.looks_like_sampling_params(input_ids):
-            # SGLang's positional order is (prompt, sampling_params, input_ids); accept it too.
-            input_ids, sampling_params = sampling_params, input_ids
-        batch = inputs.batch_size_of(prompt, input_ids)
-        prompts = inputs.per_item(
-            prompt if prompt is not None else input_ids,
-            batch,
-            "prompt" if prompt is not None else "input_ids",
-            list_ok=False,
-        )
-        params = inputs.per_item(sampling_params, batch, "sampling_params")
-        flags = [
-            inputs.per_item(v, batch, name)
-            for v, name in (
-                (return_logprob, "return_logprob"),
-                (logprob_start_len, "logprob_start_len"),
-                (top_logprobs_num, "top_logprobs_num"),
-                (rid, "rid"),
-            )
-        ]
-        specs = []
-        for i, item in enumerate(prompts):
-            where = "" if batch is None else f"[{i}]"
-            ids = self._tokenize(item, f"{'prompt' if prompt is not None else 'input_ids'}{where}")
-            sp = SamplingParams.from_dict(params[i], f"sampling_params{where}")
-            inputs.check_logprob_args(flags[0][i], flags[1][i], flags[2][i], "")
-            self._check_fits(ids, sp, where)
-            specs.append(inputs.SeqSpec(ids, sp, flags[3][i], *[f[i] for f in flags[:3]]))
-        return self._expand(specs), batch is not None
-
-    def _tokenize(self, item: Any, field: str) -> list[int]:
-        if isinstance(item, str):
-            if not item:
-                raise InvalidRequestError(field, item, "empty prompt")
-            if self.tokenizer is None:
-                raise InvalidRequestError(
-                    field, item, "text prompts need a tokenizer; pass input_ids"
-                )
-            item = self.tokenizer.encode(item)
-        return inputs.check_ids(item, field, self.model_config.vocab_size)
-
-    def _check_fits(self, ids: list[int], sp: SamplingParams, where: str) -> None:
-        if len(ids) > self.context_length:
-            raise InvalidRequestError(
-                f"prompt{where}",
-                f"<{len(ids)} tokens>",
-                f"longer than the context length {self.context_length}",
-            )
-        need = len(ids) + min(sp.max_new_tokens, self.context_length - len(ids))
-        if pages_needed(need, self.pool.page_size) > self.pool.num_pages:
-            raise InvalidRequestError(
-                f"sampling_params{where}.max_new_tokens",
-                sp.max_new_tokens,
-                f"prompt + output need {need} tokens of KV cache, but it holds only "
-                f"{self.pool.capacity_tokens}",
-            )
-
-    def _expand(self, specs: list[inputs.SeqSpec]) -> list[Request]:
-        reqs = []
-        for spec in specs:
-            base = spec.rid if spec.rid is not None else uuid.uuid4().hex
-            if not isinstance(base, str):
-                raise InvalidRequestError("rid", base, "must be a str")
-            for i in range(spec.params.n):
-                reqs.append(
-                    self._new_request(spec, base if spec.params.n == 1 else f"{base}-{i}", i)
-                )
-        rids = [r.rid for r in reqs]
-        with self._lock:
-            clash = next((r for r in rids if r in self._active), None)
-            if clash is not None or len(set(rids)) != len(rids):
-                raise InvalidRequestError("rid", clash or rids, "duplicates a request in flight")
-            self._active.update(rids)
-        return reqs
-
-    def _new_request(self, spec: inputs.SeqSpec, rid: str, index: int) -> Request:
-        sp = spec.params
-        if sp.sampling_seed is None:
-            seed = self._rng.getrandbits(63)
-        else:
-            seed = (sp.sampling_seed + index * _GOLDEN) % (1 << 63)
-        req = Request(
-            rid=rid,
-            prompt_ids=list(spec.prompt_ids),
-            params=sp,
-            seed=seed,
-            arrival=next(self._arrival),
-            return_logprob=spec.return_logprob,
-            logprob_start_len=spec.logprob_start_len,
-            top_logprobs_num=spec.top_logprobs_num,
-            max_new_tokens=min(sp.max_new_tokens, self.context_length - len(spec.prompt_ids)),
-        )
-        if req.return_logprob and req.input_logprob_start == 0:
-            req.input_logprobs.append(None)  # the first token has no context to score it
-            req.input_top_logprobs.append(None)
-        return req
-
     # ------------------------------------------------------------------ outputs
     def _decode(self, req: Request) -> str:
         if self.tokenizer is None:
@@ -198,14 +82,12 @@ class Engine(WeightSyncAPI, ControlAPI):
         )
 
     def _finalize(self, req: Request, text: str) -> dict[str, Any]:
-        with self._lock:
-            self._active.discard(req.rid)
+        self.requests.release([req.rid])
         return final_output(req, text, self.weight_version)
 
     def _delta(self, req: Request, state: StreamState, final: bool, text: str | None):
         if final:
-            with self._lock:
-                self._active.discard(req.rid)
+            self.requests.release([req.rid])
             full = text or ""
         else:
             full = stable_prefix(self._decode(req))
@@ -238,7 +120,7 @@ class Engine(WeightSyncAPI, ControlAPI):
         """Generate for one prompt (returns a dict) or a batch (a list, samples of a prompt
         adjacent). ``stream=True`` (one prompt, n=1) returns an iterator of incremental chunks
         whose ``text`` and ``output_ids`` concatenate to the full output."""
-        reqs, is_batch = self._build_requests(
+        reqs, is_batch = self.requests.build(
             prompt,
             input_ids,
             sampling_params,
@@ -271,8 +153,7 @@ class Engine(WeightSyncAPI, ControlAPI):
 
     def _check_streamable(self, reqs: list[Request], is_batch: bool) -> None:
         if is_batch or len(reqs) != 1:
-            with self._lock:
-                self._active.difference_update(r.rid for r in reqs)
+            self.requests.release(r.rid for r in reqs)
             raise InvalidRequestError("stream", True, "streaming takes one prompt with n=1")
 
     async def async_generate(
@@ -288,7 +169,7 @@ class Engine(WeightSyncAPI, ControlAPI):
     ):
         """asyncio form of ``generate``; concurrent calls share batches. With ``stream=True``
         returns an async iterator of chunks."""
-        reqs, is_batch = self._build_requests(
+        reqs, is_batch = self.requests.build(
             prompt,
             input_ids,
             sampling_params,
@@ -321,8 +202,7 @@ class Engine(WeightSyncAPI, ControlAPI):
         alive = self.loop.alive
         error = self.control.submit_error() if alive else EngineStoppedError("engine is shut down")
         if error is not None:
-            with self._lock:
-                self._active.difference_update(r.rid for r in reqs)
+            self.requests.release(r.rid for r in reqs)
             raise error
         self.loop.submit(reqs, sinks)
 
