@@ -70,9 +70,13 @@ def test_no_node_with_labels(ray_local, tiny_model):
 
 
 def test_busy_cluster_times_out_instead_of_hanging(ray_local, tiny_model):
-    # Hold all but 0.25 of the CPU free now (earlier tests' actors may still be releasing
-    # theirs: Ray frees a killed actor's resources asynchronously).
-    blocker = placement_group([{"CPU": ray.available_resources()["CPU"] - 0.25}])
+    # Hold all but 0.25 CPU. Earlier tests' actors may still be releasing theirs (Ray frees a
+    # killed actor's resources asynchronously), so first wait, bounded, until all CPU is free.
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 120
+    while ray.available_resources().get("CPU", 0.0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    blocker = placement_group([{"CPU": total - 0.25}])
     ray.get(blocker.ready(), timeout=60)
     try:
         _deploy_fails(
@@ -83,7 +87,7 @@ def test_busy_cluster_times_out_instead_of_hanging(ray_local, tiny_model):
                 "placement_timeout_s": 1.0,
             },
             r"was not placed within 1s \(placement_timeout_s\); resources available now: "
-            r"\{CPU: [0-9.]+\}",
+            r"\{CPU: 0.25\}",
         )
     finally:
         remove_placement_group(blocker)
