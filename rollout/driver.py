@@ -40,6 +40,26 @@ def _per_item(value: Any, batch: int, name: str, nested: bool) -> list[Any]:
     return [value] * batch
 
 
+def _per_item_args(
+    batch: int,
+    sampling_params: Any,
+    return_logprob: Any,
+    logprob_start_len: Any,
+    top_logprobs_num: Any,
+) -> tuple[list, list[list]]:
+    """Per-item sampling params and the three logprob flags, broadcast or length-checked."""
+    params = _per_item(sampling_params, batch, "sampling_params", nested=False)
+    flags = [
+        _per_item(value, batch, name, nested=False)
+        for value, name in (
+            (return_logprob, "return_logprob"),
+            (logprob_start_len, "logprob_start_len"),
+            (top_logprobs_num, "top_logprobs_num"),
+        )
+    ]
+    return params, flags
+
+
 class _Rollout:
     """Book-keeping of one ``generate`` call (progress and in-flight requests)."""
 
@@ -159,15 +179,9 @@ class RolloutDriver(PartialRolloutMixin):
             raise ValueError("invalid request: pass exactly one of prompt, input_ids")
         items, is_batch = self._items(prompt, input_ids)
         batch = len(items)
-        params = _per_item(sampling_params, batch, "sampling_params", nested=False)
-        flags = [
-            _per_item(v, batch, name, nested=False)
-            for v, name in (
-                (return_logprob, "return_logprob"),
-                (logprob_start_len, "logprob_start_len"),
-                (top_logprobs_num, "top_logprobs_num"),
-            )
-        ]
+        params, flags = _per_item_args(
+            batch, sampling_params, return_logprob, logprob_start_len, top_logprobs_num
+        )
         rollout_id = rollout_id or uuid.uuid4().hex[:12]
         groups = [self._group(i, items[i], params[i], prompt is not None) for i in range(batch)]
         rollout = _Rollout(rollout_id, batch, sum(g.n for g in groups))

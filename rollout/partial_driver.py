@@ -43,19 +43,13 @@ class PartialRolloutMixin:
         finished. Returns ``{"rollout_id", "groups": [{"index", "done", "request", "samples"}],
         "finished_groups", "partial_groups"}``, groups in input order; each sample is an engine
         output plus ``group``, ``sample``, ``request`` (``rollout.partial``)."""
-        from rollout.driver import _per_item
+        from rollout.driver import _per_item_args
 
         items, _ = self._items(None, input_ids)
         batch = len(items)
-        params = _per_item(sampling_params, batch, "sampling_params", nested=False)
-        flags = [
-            _per_item(v, batch, name, nested=False)
-            for v, name in (
-                (return_logprob, "return_logprob"),
-                (logprob_start_len, "logprob_start_len"),
-                (top_logprobs_num, "top_logprobs_num"),
-            )
-        ]
+        params, flags = _per_item_args(
+            batch, sampling_params, return_logprob, logprob_start_len, top_logprobs_num
+        )
         requests = [
             {
                 "input_ids": list(items[i]),
