@@ -2,18 +2,23 @@
 
 - raw: one ``torch.distributed`` (gloo) broadcast of a flat buffer of the model's size from a
   spawned process to this one -- the wire's ceiling;
-- transport: ``WeightSender`` (pack + header + bucket broadcasts) into a ``StagingArena``;
-- distributed refit: the same stream into a live engine (receive into staging, validate,
-  commit, version switch) -- ``Engine.update_weights_from_distributed``;
+- distributed refit: a trainer stand-in (an HF model in a spawned process) pushes its
+  parameters with ``WeightSender`` into a live engine here
+  (``Engine.update_weights_from_distributed``: receive into staging, validate, commit,
+  version switch). Either as separate tensors (packed into buckets while earlier buckets are
+  on the wire) or kept in flat buffers (``weight_sync.flatten_parameters``: nothing to pack);
 - disk refit (``update_weights_from_disk``, page cache warm) and colocated refits
   (``update_weights_from_tensor`` with in-process tensors, and with shared-memory buckets
   including the trainer's packing).
 
-Every distributed timing is taken on the receiving side from the "go" sent to the sender to
-the end of the call, so packing on the sender is included. Median of ``--iters`` after one
-warm-up (first-touch page faults of fresh buffers are not what a steady trainer pays).
+Raw and refit rounds alternate over the same sender process (one group each), so every refit
+round has a raw round taken right before it; the ratio is the median of those paired ratios,
+which cancels most of the noise of a shared 2-core VM. Timings are taken on the receiving side
+from the "go" sent to the sender to the end of the call, so packing is included. The first
+``WARMUP`` rounds are dropped (first-touch page faults of fresh buffers; the engine's staging
+arena fills its two buffers in the first two refits).
 
-    python benchmarks/bench_refit.py [--iters 5] [--bucket-mb 64 512]
+    python benchmarks/bench_refit.py [--iters 7] [--bucket-mb 64 512]
 """
 
 from __future__ import annotations
@@ -34,14 +39,13 @@ from engine_core import Engine  # noqa: E402
 from engine_core.default_model import ensure_default_model  # noqa: E402
 from weight_sync import (  # noqa: E402
     ColocatedBuckets,
-    UpdatePlan,
     create_group,
     free_port,
 )
 from weight_sync.checksum import tensor_checksum  # noqa: E402
-from weight_sync.staging import StagingArena  # noqa: E402
 
 GROUP = "bench-refit"
+WARMUP = 2  # rounds dropped before the median
 
 
 def _load(model_path: str) -> dict[str, torch.Tensor]:
@@ -54,99 +58,79 @@ def _load(model_path: str) -> dict[str, torch.Tensor]:
     }
 
 
-def _sender(conn, port: int, mode: str, model_path: str, bucket_bytes: int, rounds: int) -> None:
-    """Rank 0: per round, wait for "go", then broadcast (raw) or stream (ours)."""
+def _trainer_tensors(model_path: str, flat: bool) -> list[tuple[str, torch.Tensor]]:
+    """What a trainer pushes: its HF module's tensors in state-dict order (tied LM head sent
+    once). ``flat``: the module's parameters were moved into one flat buffer per dtype first
+    (``weight_sync.flatten_parameters``), so buckets go out without packing."""
+    from transformers import AutoModelForCausalLM
+
+    from weight_sync import flatten_parameters, named_tensors_of
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if flat:
+        flatten_parameters(model)
+    return named_tensors_of(model)
+
+
+def _sender(conn, ports: tuple[int, int], mode: str, path: str, bucket_bytes: int, rounds: int):
+    """Rank 0 of a raw group and a refit group: per round, a raw broadcast then an update."""
     from weight_sync import WeightSender
 
     # One intra-op thread: packing runs beside gloo's I/O threads on a 2-core machine.
     torch.set_num_threads(1)
-    named = _load(model_path)
-    group = create_group("127.0.0.1", port, 0, 2, GROUP, "gloo", timeout_s=300)
+    named = _trainer_tensors(path, mode == "flat")
+    raw_buffer = torch.full((sum(t.nbytes for _, t in named),), 7, dtype=torch.uint8)
+    raw = create_group("127.0.0.1", ports[0], 0, 2, "bench-raw", "gloo", timeout_s=300)
+    refit = create_group("127.0.0.1", ports[1], 0, 2, GROUP, "gloo", timeout_s=300)
+    sender = WeightSender(refit, bucket_bytes=bucket_bytes)
     try:
-        if mode == "raw":
-            flat = torch.empty(sum(t.nbytes for t in named.values()), dtype=torch.uint8)
-            flat.fill_(7)
-            for _ in range(rounds):
-                conn.recv()
-                group.broadcast(flat, 0)
-        else:
-            sender = WeightSender(group, bucket_bytes=bucket_bytes)
-            for k in range(rounds):
-                plan = sender.plan(named, f"bench-{k}")
-                conn.send(plan.to_json())
-                conn.recv()
-                sender.send(named, plan)
-            sender.close()
+        for k in range(rounds):
+            conn.recv()
+            raw.broadcast(raw_buffer, 0)
+            plan = sender.plan(named, f"bench-{k}")
+            conn.send(plan.to_json())
+            conn.recv()
+            sender.send(named, plan)
         conn.send(("ok", None))
     except BaseException as exc:
         conn.send(("error", repr(exc)))
     finally:
-        group.destroy()
+        sender.close()
+        raw.destroy()
+        refit.destroy()
 
 
-class SenderProc:
-    """Owner of the spawned sender and its pipe."""
-
-    def __init__(self, mode: str, model_path: str, bucket_bytes: int, rounds: int):
-        ctx = mp.get_context("spawn")
-        self.port = free_port()
-        self.conn, child = ctx.Pipe()
-        args = (child, self.port, mode, model_path, bucket_bytes, rounds)
-        self.proc = ctx.Process(target=_sender, args=args, daemon=True)
-        self.proc.start()
-        child.close()
-
-    def close(self) -> None:
-        status = self.conn.recv()
-        self.proc.join(60)
-        assert status[0] == "ok", status
-
-
-def time_raw(model_path: str, nbytes: int, rounds: int) -> list[float]:
-    proc = SenderProc("raw", model_path, 0, rounds)
-    group = create_group("127.0.0.1", proc.port, 1, 2, GROUP, "gloo", timeout_s=300)
-    buf = torch.zeros(nbytes, dtype=torch.uint8)
-    times = []
+def time_paired(engine: Engine, path: str, mode: str, bucket_bytes: int, rounds: int):
+    """``(raw seconds, refit seconds)`` per round, alternating over one sender process."""
+    ctx = mp.get_context("spawn")
+    ports = (free_port(), free_port())
+    conn, child = ctx.Pipe()
+    args = (child, ports, mode, path, bucket_bytes, rounds)
+    proc = ctx.Process(target=_sender, args=args, daemon=True)
+    proc.start()
+    child.close()
+    raw = create_group("127.0.0.1", ports[0], 1, 2, "bench-raw", "gloo", timeout_s=300)
+    engine.init_weights_update_group("127.0.0.1", ports[1], 1, 2, GROUP, timeout_s=300)
+    nbytes = sum(t.nbytes for t in _load(path).values())
+    buffer = torch.zeros(nbytes, dtype=torch.uint8)
+    pairs = []
     for _ in range(rounds):
         started = time.perf_counter()
-        proc.conn.send("go")
-        group.broadcast(buf, 0)
-        times.append(time.perf_counter() - started)
-    assert int(buf[-1]) == 7
-    group.destroy()
-    proc.close()
-    return times
-
-
-def time_transport(model_path: str, bucket_bytes: int, rounds: int) -> list[float]:
-    proc = SenderProc("ours", model_path, bucket_bytes, rounds)
-    group = create_group("127.0.0.1", proc.port, 1, 2, GROUP, "gloo", timeout_s=300)
-    arena, times = StagingArena(), []
-    for _ in range(rounds):
-        plan = UpdatePlan.from_json(proc.conn.recv())
+        conn.send("go")
+        raw.broadcast(buffer, 0)
+        raw_s = time.perf_counter() - started
+        plan = conn.recv()
         started = time.perf_counter()
-        proc.conn.send("go")
-        arena.receive(group, plan)
-        times.append(time.perf_counter() - started)
-    arena.close()
-    group.destroy()
-    proc.close()
-    return times
-
-
-def time_distributed(engine: Engine, model_path: str, bucket_bytes: int, rounds: int):
-    proc = SenderProc("ours", model_path, bucket_bytes, rounds)
-    engine.init_weights_update_group("127.0.0.1", proc.port, 1, 2, GROUP, timeout_s=300)
-    times = []
-    for _ in range(rounds):
-        plan = proc.conn.recv()
-        started = time.perf_counter()
-        proc.conn.send("go")
+        conn.send("go")
         engine.update_weights_from_distributed(plan, group_name=GROUP)
-        times.append(time.perf_counter() - started)
+        pairs.append((raw_s, time.perf_counter() - started))
+    assert int(buffer[-1]) == 7
     engine.destroy_weights_update_group(GROUP)
-    proc.close()
-    return times
+    raw.destroy()
+    status = conn.recv()
+    proc.join(60)
+    assert status[0] == "ok", status
+    return pairs[WARMUP:]
 
 
 def timed(fn, rounds: int) -> list[float]:
@@ -159,54 +143,68 @@ def timed(fn, rounds: int) -> list[float]:
 
 
 def med(times: list[float]) -> float:
-    return statistics.median(times[1:] if len(times) > 1 else times)  # drop the warm-up
+    return statistics.median(times[WARMUP:] if len(times) > WARMUP else times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--bucket-mb", type=int, nargs="+", default=[64, 512])
     args = parser.parse_args()
-    rounds = args.iters + 1
+    rounds = args.iters + WARMUP
     path = ensure_default_model()
     named = _load(path)
     nbytes = sum(t.nbytes for t in named.values())
     gb = nbytes / 1e9
-
-    raw = med(time_raw(path, nbytes, rounds))
-    rows = [("raw gloo broadcast, one flat buffer", raw)]
-    for mb in args.bucket_mb:
-        t = med(time_transport(path, mb << 20, rounds))
-        rows.append((f"transport only ({mb} MB buckets, into staging)", t))
+    rows, raws = [], []
     with Engine(path, device="cpu", max_total_tokens=1024, skip_tokenizer_init=True) as engine:
-        for mb in args.bucket_mb:
-            t = med(time_distributed(engine, path, mb << 20, rounds))
-            rows.append((f"**distributed refit** ({mb} MB buckets; into the engine)", t))
+        for mode, what in (("flat", "flat parameter buffers"), ("packed", "separate tensors")):
+            for mb in args.bucket_mb:
+                pairs = time_paired(engine, path, mode, mb << 20, rounds)
+                raws += [r for r, _ in pairs]
+                ratio = statistics.median(r / t for r, t in pairs)
+                t = statistics.median(t for _, t in pairs)
+                name = f"**distributed refit**, trainer {what}, {mb} MB buckets"
+                rows.append((name, t, statistics.median(r for r, _ in pairs), ratio))
         probe = "model.layers.29.mlp.down_proj.weight"
         assert engine.get_weights_checksum([probe])[probe] == tensor_checksum(named[probe])
-        t = med(timed(lambda: engine.update_weights_from_disk(path), rounds))
-        rows.append(("disk refit (safetensors, page cache warm)", t))
-        pairs = list(named.items())
-        t = med(timed(lambda: engine.update_weights_from_tensor(pairs), rounds))
-        rows.append(("colocated refit, in-process tensors", t))
+        raw = statistics.median(raws)
+        local = [
+            (
+                "disk refit (safetensors, page cache warm)",
+                lambda: engine.update_weights_from_disk(path),
+            )
+        ]
+        pairs_ = list(named.items())
+        local.append(
+            (
+                "colocated refit, in-process tensors",
+                lambda: engine.update_weights_from_tensor(pairs_),
+            )
+        )
 
         def shm() -> None:
-            with ColocatedBuckets(pairs, "rlr-bench", 512 << 20) as buckets:
+            with ColocatedBuckets(pairs_, "rlr-bench", 512 << 20) as buckets:
                 engine.update_weights_from_tensor(buckets.handles, load_format="flattened_bucket")
 
-        t = med(timed(shm, rounds))
-        rows.append(("colocated refit, shared-memory buckets (incl. packing)", t))
+        local.append(("colocated refit, shared-memory buckets (incl. packing)", shm))
+        for name, fn in local:
+            t = med(timed(fn, rounds))
+            rows.append((name, t, raw, raw / t))
 
     lines = [
         f"Default model: {len(named)} tensors, {nbytes / 1e6:.0f} MB fp32; engine tp_size=1 on "
-        f"CPU; sender in a spawned process over gloo (loopback). Median of {args.iters} after "
-        "one warm-up.",
+        "CPU; trainer stand-in in a spawned process over gloo (loopback). Distributed rows: "
+        f"median of {args.iters} rounds after {WARMUP} warm-ups, each paired with a raw "
+        "broadcast of the same bytes taken just before it (ratio = median of the paired "
+        f"ratios). Local rows: median of {args.iters}, against the median raw broadcast of "
+        f"the run ({raw:.3f} s = {gb / raw:.2f} GB/s).",
         "",
-        "| path | seconds | GB/s | vs raw broadcast |",
-        "|---|---:|---:|---:|",
+        "| path | seconds | GB/s | raw broadcast (s) | vs raw broadcast |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for name, t in rows:
-        lines.append(f"| {name} | {t:.3f} | {gb / t:.2f} | {raw / t:.2f}x |")
+    for name, t, r, ratio in rows:
+        lines.append(f"| {name} | {t:.3f} | {gb / t:.2f} | {r:.3f} | {ratio:.2f}x |")
     write_section("Refit (weight sync)", "\n".join(lines))
 
 

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from engine_core.adopt import Part, commit_adopting, commit_by_copy
 from engine_core.errors import ModelLoadError
 from engine_core.models.llama import PACKED
 
@@ -78,7 +79,7 @@ def expected_keys(model: nn.Module) -> set[Key]:
     return keys
 
 
-def _target(model: nn.Module, name: str, tensor: torch.Tensor, key: Key, tied: bool):
+def _target(model: nn.Module, name: str, tensor: torch.Tensor, key: Key) -> Part:
     path, leaf, shard_id = key
     try:
         module = model.get_submodule(path)
@@ -95,20 +96,28 @@ def _target(model: nn.Module, name: str, tensor: torch.Tensor, key: Key, tied: b
             f"weight {name!r}: shape {tuple(tensor.shape)} does not fit parameter "
             f"{path}.{leaf} (shard {tuple(src.shape)} vs expected {tuple(dst.shape)})"
         )
-    return dst, src
+    return Part(getattr(module, leaf), dst, src)
 
 
 @dataclass
 class StagedWeights:
-    """Validated ``(destination, source)`` pairs, ready to copy; nothing written yet."""
+    """Validated sources for parameter slices, ready to commit; nothing written yet.
 
-    pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    ``adopt``: the sources' memory belongs to the engine from now on (a received staging
+    buffer), so a complete update may become the parameters' storage instead of being copied
+    (``engine_core.adopt``). Otherwise every source is copied and may be reused by its owner.
+    """
+
+    parts: list[Part]
     names: list[str]
+    params: list[nn.Parameter]
+    adopt: bool = False
 
     def commit(self) -> int:
-        with torch.no_grad():
-            for dst, src in self.pairs:
-                dst.copy_(src)
+        if self.adopt:
+            commit_adopting(self.parts, self.params)
+        else:
+            commit_by_copy(self.parts)
         return len(self.names)
 
 
@@ -118,14 +127,16 @@ def stage_weights(
     *,
     require_complete: bool,
     expected_dtype: torch.dtype | None = None,
+    adopt: bool = False,
 ) -> StagedWeights:
     """Map and validate every tensor (names, shapes, and dtype when ``expected_dtype`` is set).
 
     ``require_complete``: every parameter must be provided (checkpoint load and full refits).
-    Raises ModelLoadError naming the first bad tensor; the model is never touched here.
+    ``adopt``: see :class:`StagedWeights`. Raises ModelLoadError naming the first bad tensor;
+    the model is never touched here.
     """
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    parts: list[Part] = []
     seen: dict[Key, str] = {}
     for name, tensor in named_tensors:
         if name.endswith(SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
@@ -140,7 +151,7 @@ def stage_weights(
         if key in seen:
             raise ModelLoadError(f"weight {name!r} given twice (also as {seen[key]!r})")
         seen[key] = name
-        pairs.append(_target(model, name, tensor, key, tied))
+        parts.append(_target(model, name, tensor, key))
     if require_complete:
         missing = expected_keys(model) - set(seen)
         if missing:
@@ -148,7 +159,7 @@ def stage_weights(
                 f"{p}.{leaf}" + (f"[{s}]" if s is not None else "") for p, leaf, s in missing
             )
             raise ModelLoadError(f"missing weights: {shown[:8]}{' ...' if len(shown) > 8 else ''}")
-    return StagedWeights(pairs, list(seen.values()))
+    return StagedWeights(parts, list(seen.values()), list(model.parameters()), adopt)
 
 
 def load_weights(

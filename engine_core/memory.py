@@ -143,6 +143,7 @@ class RunnerMemory:
         if host_copy and self.device.type != "cuda":
             raise ValueError("a host copy of CPU weights frees nothing; use host_copy=False")
         shapes, host, freed = {}, {}, 0
+        counted = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         for name, param in self.model.named_parameters():
             shapes[name] = param.shape
             freed += param.numel() * param.element_size()
@@ -151,8 +152,14 @@ class RunnerMemory:
                 host[name].copy_(param.data)
             param.data = _drop(param.data)
         self._weight_shapes, self._host_weights = shapes, (host if host_copy else None)
+        freed += self._release_staging(counted)
         return_freed_memory(self.device)
         return freed
+
+    def _release_staging(self, counted: set[int]) -> int:
+        """Free refit staging buffers (provided by ModelRunner); returns the bytes freed that
+        are not in the storages ``counted`` already (parameters that adopted a buffer)."""
+        return 0
 
     def resume_weights(self, source: str, checkpoint: str | None = None) -> None:
         """Re-allocate the parameters and fill them from ``source``: ``"host"`` (the copy kept

@@ -264,15 +264,24 @@ class ModelRunner(RunnerMemory):
         return [list(zip(values[i][:n], indices[i][:n])) for i, n in enumerate(nums)]
 
     # ---- weights (the same ingest path as checkpoint load), two-phase for TP atomicity ----
-    def stage_weights(self, named_tensors, *, require_complete: bool, strict_dtype: bool) -> int:
-        """Validate this rank's shards of ``named_tensors``; nothing is written until commit."""
+    def stage_weights(
+        self, named_tensors, *, require_complete: bool, strict_dtype: bool, adopt: bool = False
+    ) -> int:
+        """Validate this rank's shards of ``named_tensors``; nothing is written until commit.
+        ``adopt``: the tensors' memory is handed over (see ``loader.StagedWeights``)."""
         self._staged = stage_weights(
             self.model,
             named_tensors,
             require_complete=require_complete,
             expected_dtype=self.dtype if strict_dtype else None,
+            adopt=adopt,
         )
         return len(self._staged.names)
+
+    def weight_storages(self) -> set[int]:
+        """Data pointers of the storages the parameters live in (a staging buffer the
+        parameters adopted must not be received into again)."""
+        return {p.untyped_storage().data_ptr() for p in self.model.parameters()}
 
     def stage_checkpoint(self, model_path: str) -> int:
         return self.stage_weights(
@@ -293,6 +302,12 @@ class ModelRunner(RunnerMemory):
         from engine_core.refit_rank import RankRefit
 
         return RankRefit(self)
+
+    def _release_staging(self, counted: set[int]) -> int:
+        # Only a runner that refitted has arenas; do not build the refit state just for this.
+        if "refit" not in self.__dict__:
+            return 0
+        return self.refit.release_staging(counted)
 
     def refit_call(self, method: str, *args, **kwargs):
         """Run ``RankRefit.<method>`` on this rank (the executor calls it on every rank)."""

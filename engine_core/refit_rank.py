@@ -135,11 +135,12 @@ class RankRefit:
                 f"an update received through {group_name!r} is still held; commit or discard it"
             )
         member = self._member(group_name)
+        in_use = self.runner.weight_storages()
         try:
             if plan is not None:
-                pairs = member.arena.receive(member.group, plan)
+                pairs = member.arena.receive(member.group, plan, in_use=in_use)
             else:
-                pairs = member.arena.receive_tensors(member.group, metas or [])
+                pairs = member.arena.receive_tensors(member.group, metas or [], in_use=in_use)
         except BaseException as exc:
             # Only a sender's abort header leaves the stream in sync (it is the update's last
             # message); after anything else this rank and the sender disagree on what is next.
@@ -147,7 +148,8 @@ class RankRefit:
                 first = (str(exc).splitlines() or [""])[0][:300]
                 member.broken = f"{type(exc).__name__}: {first}"
             raise
-        count = self.stage_pairs(pairs)
+        # The arena's buffer is ours: a complete update becomes the parameters' storage.
+        count = self.stage_pairs(pairs, adopt=True)
         if hold:
             self.runner.discard_weights()  # only the received pairs are kept, see the module doc
             self.held, self.held_group = pairs, group_name
@@ -157,9 +159,22 @@ class RankRefit:
         """Map the trainer's shared buckets (no copy) and validate this rank's shards."""
         return self.stage_pairs(iter_colocated(handles))
 
-    def stage_pairs(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> int:
+    def stage_pairs(self, pairs: Iterable[tuple[str, torch.Tensor]], adopt: bool = False) -> int:
         # Refits must match the engine's dtype exactly (no silent casts of trainer tensors).
-        return self.runner.stage_weights(pairs, require_complete=False, strict_dtype=True)
+        # Only received buffers are adopted; a trainer's tensors are always copied.
+        return self.runner.stage_weights(
+            pairs, require_complete=False, strict_dtype=True, adopt=adopt
+        )
+
+    def release_staging(self, counted: set[int]) -> int:
+        """Free every arena buffer a held update does not use (weights released); returns the
+        bytes freed outside the storages in ``counted``."""
+        keep = {t.untyped_storage().data_ptr() for _, t in self.held or []}
+        freed = 0
+        for member in self.members.values():
+            freed += sum(n for ptr, n in member.arena.buffers() if ptr not in keep | counted)
+            member.arena.release_unused(keep)
+        return freed
 
     # ---------------------------------------------------------------- held updates
     def restage_held(self) -> int:
@@ -167,7 +182,7 @@ class RankRefit:
         (phase one of the commit; the held pairs stay until ``discard_held``)."""
         if self.held is None:
             raise RuntimeError("no staged update to commit")
-        return self.stage_pairs(self.held)
+        return self.stage_pairs(self.held, adopt=True)
 
     def discard_held(self) -> None:
         self.held, self.held_group = None, None

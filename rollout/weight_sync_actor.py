@@ -28,7 +28,6 @@ import ray
 import torch
 
 from weight_sync import (
-    DEFAULT_BUCKET_BYTES,
     WeightGroup,
     WeightSender,
     WeightSyncError,
@@ -90,7 +89,7 @@ class WeightSync:
         *,
         backend: str = "gloo",
         master_address: str | None = None,
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        bucket_bytes: int | None = None,
         timeout_s: float = 120.0,
         dtype: str | None = None,
     ) -> None:

@@ -22,7 +22,12 @@ from weight_sync.receiver import BucketStream, WeightReceiver, receive
 from weight_sync.sender import TransferStats, WeightSender
 from weight_sync.shm import list_segments, remove_segments
 from weight_sync.spec import BucketMeta, TensorMeta, UpdatePlan, dtype_from_str, dtype_to_str
-from weight_sync.trainer import named_tensors_of, push_colocated, push_distributed
+from weight_sync.trainer import (
+    flatten_parameters,
+    named_tensors_of,
+    push_colocated,
+    push_distributed,
+)
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
@@ -41,6 +46,7 @@ __all__ = [
     "create_group",
     "dtype_from_str",
     "dtype_to_str",
+    "flatten_parameters",
     "free_port",
     "iter_colocated",
     "list_segments",

@@ -15,6 +15,16 @@ import torch
 from weight_sync.spec import BucketMeta, TensorMeta, dtype_from_str, dtype_to_str, element_size
 
 DEFAULT_BUCKET_BYTES = 512 << 20
+# Over gloo the bucket is packed by the CPU that also drives the sockets: smaller buckets let
+# packing overlap the wire (measured on 2 cores: 64 MB beats 512 MB and 8-32 MB, see
+# BENCHMARKS.md); on a GPU packing is a device copy and fewer, larger buckets win.
+CPU_BUCKET_BYTES = 64 << 20
+
+
+def default_bucket_bytes(device: torch.device) -> int:
+    """The streaming bucket size used when none is given, by the group's device."""
+    return CPU_BUCKET_BYTES if device.type == "cpu" else DEFAULT_BUCKET_BYTES
+
 
 NamedMeta = tuple[str, "torch.dtype | str", Sequence[int]]
 
@@ -119,6 +129,31 @@ def pack(
     for meta, tensor in zip(bucket.tensors, ordered):
         flat.narrow(0, meta.offset, meta.numel).view(meta.shape).copy_(tensor)
     return flat
+
+
+def contiguous_span(tensors: Sequence[torch.Tensor], bucket: BucketMeta) -> torch.Tensor | None:
+    """A flat view of ``tensors`` if they already lie back to back in one storage exactly as the
+    bucket's layout, else ``None`` (then they must be packed). Detached; no copy."""
+    if not tensors or len(tensors) != len(bucket.tensors):
+        return None
+    first = tensors[0].detach()
+    storage = first.untyped_storage().data_ptr()
+    base = first.storage_offset() - bucket.tensors[0].offset
+    if base < 0:
+        return None
+    for meta, tensor in zip(bucket.tensors, tensors):
+        if (
+            not tensor.is_contiguous()
+            or dtype_to_str(tensor.dtype) != bucket.dtype
+            or tensor.device != first.device
+            or tensor.untyped_storage().data_ptr() != storage
+            or tensor.storage_offset() != base + meta.offset
+            or tensor.numel() != meta.numel
+        ):
+            return None
+    if first.untyped_storage().nbytes() < (base + bucket.numel) * first.element_size():
+        return None
+    return first.as_strided((bucket.numel,), (1,), base)
 
 
 def unpack(flat: torch.Tensor, bucket: BucketMeta) -> list[tuple[str, torch.Tensor]]:

@@ -50,10 +50,13 @@ def _is_timeout(exc: BaseException) -> bool:
 class PendingOp:
     """An in-flight collective; :meth:`wait` converts backend errors into ``WeightSyncError``."""
 
-    def __init__(self, group: WeightGroup, work: Any, what: str) -> None:
+    def __init__(
+        self, group: WeightGroup, work: Any, what: str, tensor: torch.Tensor | None = None
+    ) -> None:
         self._group = group
         self._work = work
         self._what = what
+        self._tensor = tensor  # alive until the op is done, whatever the backend keeps
 
     def wait(self) -> None:
         """Block until done; raises ``WeightSyncTimeout`` past the group timeout."""
@@ -121,7 +124,7 @@ class WeightGroup:
             work = pg.broadcast([tensor], opts)
         except Exception as exc:
             raise self.error(what, exc) from exc
-        return PendingOp(self, work, what)
+        return PendingOp(self, work, what, tensor)
 
     def broadcast(self, tensor: torch.Tensor, src: int, what: str = "broadcast") -> None:
         """Synchronous :meth:`broadcast_async`."""

@@ -3,19 +3,25 @@
 Before every bucket the sender broadcasts a small int64 header. It lets receivers (1) verify
 that the byte stream matches the plan they got by RPC (version, plan fingerprint, bucket index,
 size) instead of silently loading garbage, and (2) learn that the sender aborted (e.g. a bad
-tensor), so they raise at once instead of waiting for the timeout. Because a header always
-precedes its bucket and an abort header is the last message of an update, an abort leaves the
-stream in sync and the group reusable.
+tensor), so they raise at once instead of waiting for the timeout.
+
+Headers do not cost a round trip per bucket: both sides post them asynchronously, and a
+receiver posts header and bucket ``i + 1`` as soon as header ``i`` checked out, while bucket
+``i`` is still on the wire. So a receiver always has exactly one header-and-bucket pair posted
+that the sender has not decided on yet; that is why an abort header is followed by a dummy
+bucket of the announced size (skipped if empty), and nothing after it: the update ends there,
+the stream stays in sync and the group reusable.
 """
 
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import torch
 
 from weight_sync.errors import WeightSyncError
-from weight_sync.group import WeightGroup
+from weight_sync.group import PendingOp, WeightGroup
 from weight_sync.spec import UpdatePlan
 
 MAGIC = 0x5753_4844  # "WSHD"
@@ -40,28 +46,52 @@ def _encode(plan: UpdatePlan, fingerprint: int, index: int, status: int) -> torc
 
 def send_header(
     group: WeightGroup, src: int, plan: UpdatePlan, fingerprint: int, index: int, status: int
-) -> None:
-    """Broadcast the header for bucket ``index`` (``status`` OK or ABORT)."""
+) -> PendingOp:
+    """Start broadcasting the header for bucket ``index`` (``status`` OK or ABORT)."""
     header = _encode(plan, fingerprint, index, status).to(group.device)
-    group.broadcast(header, src, f"header {index}/{len(plan.buckets)}")
+    return group.broadcast_async(header, src, f"header {index}/{len(plan.buckets)}")
 
 
-def recv_header(
-    group: WeightGroup, src: int, plan: UpdatePlan, fingerprint: int, index: int
-) -> None:
-    """Receive and check the header for bucket ``index``.
-
-    Raises ``WeightSyncError`` if the sender aborted or the stream does not match ``plan``.
-    """
+def post_header(group: WeightGroup, src: int, plan: UpdatePlan, index: int) -> PendingHeader:
+    """Start receiving the header for bucket ``index``; check it with :func:`check_header`."""
     n = len(plan.buckets)
     got = torch.zeros(len(_FIELDS), dtype=torch.int64, device=group.device)
-    group.broadcast(got, src, f"header {index}/{n} (weight_version {plan.weight_version})")
-    fields = dict(zip(_FIELDS, got.cpu().tolist()))
+    what = f"header {index}/{n} (weight_version {plan.weight_version})"
+    return PendingHeader(group.broadcast_async(got, src, what), got, index)
+
+
+def post_bucket(
+    group: WeightGroup, src: int, plan: UpdatePlan, index: int, target: torch.Tensor
+) -> tuple[PendingHeader, PendingOp | None]:
+    """Post the receives of header ``index`` and of its bucket's bytes into ``target`` (a uint8
+    tensor of at least the bucket's size); an empty bucket has no bytes on the wire."""
+    header, nbytes = post_header(group, src, plan, index), plan.buckets[index].nbytes
+    if not nbytes:
+        return header, None
+    what = f"bucket {index}/{len(plan.buckets)} ({nbytes} bytes, version {plan.weight_version})"
+    return header, group.broadcast_async(target[:nbytes], src, what)
+
+
+@dataclass
+class PendingHeader:
+    op: PendingOp
+    got: torch.Tensor
+    index: int
+
+
+def check_header(
+    group: WeightGroup, header: PendingHeader, plan: UpdatePlan, fingerprint: int
+) -> bool:
+    """Wait for ``header``; ``True`` if the sender aborted the update there (its dummy bucket
+    still follows: receive it before raising :func:`aborted_error`, to stay in sync).
+
+    Raises ``WeightSyncError`` if the stream does not match ``plan``.
+    """
+    header.op.wait()
+    index, n = header.index, len(plan.buckets)
+    fields = dict(zip(_FIELDS, header.got.cpu().tolist()))
     if fields["magic"] == MAGIC and fields["status"] == STATUS_ABORT:
-        raise WeightSyncError(
-            f"weight-sync group {group.name!r}: sender aborted update (plan weight_version "
-            f"{plan.weight_version!r}) before bucket {index}/{n}; see the sender's error"
-        )
+        return True
     expected = dict(zip(_FIELDS, _encode(plan, fingerprint, index, STATUS_OK).tolist()))
     if fields != expected:
         diff = {k: (fields[k], expected[k]) for k in _FIELDS if fields[k] != expected[k]}
@@ -69,3 +99,12 @@ def recv_header(
             f"weight-sync group {group.name!r}: stream does not match the plan at bucket "
             f"{index}/{n} (got, expected): {diff}; destroy and recreate the group"
         )
+    return False
+
+
+def aborted_error(group: WeightGroup, plan: UpdatePlan, index: int) -> WeightSyncError:
+    return WeightSyncError(
+        f"weight-sync group {group.name!r}: sender aborted update (plan weight_version "
+        f"{plan.weight_version!r}) before bucket {index}/{len(plan.buckets)}; see the sender's "
+        "error"
+    )

@@ -24,7 +24,7 @@ import torch
 
 from weight_sync.bucket import typed_view, unpack
 from weight_sync.group import PendingOp, WeightGroup
-from weight_sync.header import recv_header
+from weight_sync.header import PendingHeader, aborted_error, check_header, post_bucket
 from weight_sync.sender import TransferStats
 from weight_sync.spec import UpdatePlan
 
@@ -64,7 +64,7 @@ class BucketStream:
             self._ensure(slot)
         self._posted = 0  # buckets whose receive has been started
         self._consumed = 0  # buckets handed to the consumer
-        self._pending: PendingOp | None = None
+        self._pending: tuple[PendingHeader, PendingOp | None] | None = None
 
     def _ensure(self, slot: int) -> None:
         # Each slot only needs to hold the largest bucket that will land in it.
@@ -80,15 +80,8 @@ class BucketStream:
         return buffer
 
     def _post(self, i: int) -> None:
-        """Receive header ``i`` (blocking, tiny) and start receiving bucket ``i``."""
-        n = len(self.plan.buckets)
-        recv_header(self.group, self.src_rank, self.plan, self._fingerprint, i)
-        nbytes = self.plan.buckets[i].nbytes
-        self._pending = None
-        if nbytes:
-            target = self._slot(i)[:nbytes]
-            what = f"bucket {i}/{n} ({nbytes} bytes, weight_version {self.plan.weight_version})"
-            self._pending = self.group.broadcast_async(target, self.src_rank, what)
+        """Post the receives of header ``i`` and bucket ``i`` (into its slot)."""
+        self._pending = post_bucket(self.group, self.src_rank, self.plan, i, self._slot(i))
         self._posted = i + 1
 
     def __iter__(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -97,14 +90,21 @@ class BucketStream:
             i = self._consumed
             if self._posted == i:
                 self._post(i)
-            if self._pending is not None:
-                self._pending.wait()
-                self._pending = None
+            assert self._pending is not None
+            header, data = self._pending
+            self._pending = None
+            aborted = check_header(self.group, header, self.plan, self._fingerprint)
+            if not aborted and i + 1 < n:
+                # Bucket i + 1 goes into the slot of bucket i - 1, which the consumer is done
+                # with; it flies while bucket i finishes and is consumed.
+                self._post(i + 1)
+            if data is not None:
+                data.wait()
+            if aborted:
+                raise aborted_error(self.group, self.plan, i)
             bucket = self.plan.buckets[i]
             flat = typed_view(self._slot(i), bucket)
             pairs = unpack(flat.clone() if self.owned else flat, bucket)
-            if i + 1 < n:
-                self._post(i + 1)  # bucket i + 1 flies while the consumer loads bucket i
             self._consumed = i + 1
             yield pairs
 

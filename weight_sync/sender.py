@@ -6,12 +6,15 @@ Protocol per update (the receiver mirrors it, see :mod:`weight_sync.receiver`):
 2. The caller ships ``plan`` (or ``plan.to_json()``) to every engine in ONE RPC that makes the
    engine call :func:`weight_sync.receiver.receive` and returns without waiting for it.
 3. ``sender.send(named_tensors, plan)`` -- for each bucket: broadcast a small header, then the
-   bucket bytes. Bucket ``i + 1`` is packed by a background thread into the other half of a
-   double buffer while bucket ``i`` is on the wire.
+   bucket bytes, both asynchronously (two buckets in flight). Bucket ``i + 1`` is packed by a
+   background thread into the other half of a double buffer while bucket ``i`` is on the wire.
+   A bucket whose tensors already lie back to back in one storage (a lone tensor, or
+   parameters kept in a flat buffer, see :func:`weight_sync.trainer.flatten_parameters`) is
+   sent from that memory, without packing.
 
 A tensor that does not match the plan is detected before anything is sent; the sender then
-broadcasts an ABORT header (receivers raise ``WeightSyncError`` immediately, the group stays
-usable) and raises ``ValueError``.
+broadcasts an ABORT header and a dummy bucket (receivers raise ``WeightSyncError`` at once, the
+group stays usable) and raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -20,21 +23,22 @@ import contextlib
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from weight_sync.bucket import (
-    DEFAULT_BUCKET_BYTES,
     as_bytes,
     check_tensor,
+    contiguous_span,
+    default_bucket_bytes,
     metas_of,
     pack,
     plan_buckets,
     typed_view,
 )
 from weight_sync.errors import WeightSyncError
-from weight_sync.group import WeightGroup
+from weight_sync.group import PendingOp, WeightGroup
 from weight_sync.header import STATUS_ABORT, STATUS_OK, send_header
 from weight_sync.spec import BucketMeta, UpdatePlan
 
@@ -70,14 +74,17 @@ class WeightSender:
     """Streams named tensors from ``src_rank`` of ``group`` to every other rank.
 
     Owns a double buffer of up to ``2 * bucket_bytes`` on ``group.device`` that is reused across
-    updates; :meth:`close` frees it. Does not own ``group``.
+    updates; :meth:`close` frees it. Does not own ``group``. ``bucket_bytes`` defaults by device
+    (``weight_sync.bucket.default_bucket_bytes``: 64 MB over gloo on CPU, 512 MB on GPU).
     """
 
     def __init__(
-        self, group: WeightGroup, src_rank: int = 0, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+        self, group: WeightGroup, src_rank: int = 0, bucket_bytes: int | None = None
     ) -> None:
         if group.rank != src_rank:
             raise ValueError(f"WeightSender on rank {group.rank}, but src_rank is {src_rank}")
+        if bucket_bytes is None:
+            bucket_bytes = default_bucket_bytes(group.device)
         if bucket_bytes <= 0:
             raise ValueError("bucket_bytes must be positive")
         self.group = group
@@ -85,10 +92,21 @@ class WeightSender:
         self.bucket_bytes = bucket_bytes
         self._buffers: list[torch.Tensor | None] = [None, None]
 
-    def plan(self, named_tensors: NamedTensors, weight_version: int | str = 0) -> UpdatePlan:
-        """Bucket layout for ``named_tensors`` (metadata only; nothing is sent)."""
+    def plan(
+        self, named_tensors: NamedTensors, weight_version: int | str = 0, merge_spans: bool = True
+    ) -> UpdatePlan:
+        """Bucket layout for ``named_tensors`` (metadata only; nothing is sent).
+
+        ``merge_spans``: neighbouring buckets whose tensors already lie back to back in one
+        storage (see :func:`weight_sync.trainer.flatten_parameters`) become one bucket beyond
+        ``bucket_bytes``: they need no pack buffer, and fewer messages move faster. Receivers
+        that stream bucket by bucket (``WeightReceiver``) then need buffers that large; turn it
+        off for them. The engine's staging arena holds whole updates anyway.
+        """
         named = as_dict(named_tensors)
         buckets = plan_buckets(metas_of(named.items()), self.bucket_bytes)
+        if merge_spans:
+            buckets = _merge_spans(buckets, named)
         return UpdatePlan(buckets=tuple(buckets), weight_version=weight_version)
 
     def send(self, named_tensors: NamedTensors, plan: UpdatePlan) -> TransferStats:
@@ -115,20 +133,23 @@ class WeightSender:
         n = len(plan.buckets)
         if n == 0:
             return
+        # Two buckets in flight: bucket i + 1 is packed into the slot bucket i - 1 used, so
+        # only that one must have left before packing starts.
+        in_flight: list[list[PendingOp]] = [[], []]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync-pack") as pool:
             future = pool.submit(self._materialize, named, plan.buckets[0], 0)
             for i in range(n):
                 flat = self._result_or_abort(future, plan, fingerprint, i)
-                send_header(self.group, self.src_rank, plan, fingerprint, i, STATUS_OK)
-                op = None
+                ops = [send_header(self.group, self.src_rank, plan, fingerprint, i, STATUS_OK)]
                 if flat.numel():
                     what = f"bucket {i}/{n} ({plan.buckets[i].nbytes} bytes)"
-                    op = self.group.broadcast_async(flat, self.src_rank, what)
+                    ops.append(self.group.broadcast_async(flat, self.src_rank, what))
+                in_flight[i % 2] = ops
                 if i + 1 < n:
-                    # Packs into the other buffer slot, which the previous bucket released.
+                    _wait_all(in_flight[(i + 1) % 2])
                     future = pool.submit(self._materialize, named, plan.buckets[i + 1], i + 1)
-                if op is not None:
-                    op.wait()
+            for ops in in_flight:
+                _wait_all(ops)
 
     def _result_or_abort(
         self, future: Future[torch.Tensor], plan: UpdatePlan, fingerprint: int, index: int
@@ -146,16 +167,20 @@ class WeightSender:
             return
         # Best effort: if the receivers are gone too, the caller's original error matters more.
         with contextlib.suppress(WeightSyncError):
-            send_header(self.group, self.src_rank, plan, fingerprint, index, STATUS_ABORT)
+            ops = [send_header(self.group, self.src_rank, plan, fingerprint, index, STATUS_ABORT)]
+            nbytes = plan.buckets[index].nbytes
+            if nbytes:  # receivers posted this bucket with its header: fill it (see header.py)
+                dummy = torch.zeros(nbytes, dtype=torch.uint8, device=self.group.device)
+                ops.append(self.group.broadcast_async(dummy, self.src_rank, "aborted bucket"))
+            _wait_all(ops)
 
     def _materialize(
         self, named: dict[str, torch.Tensor], bucket: BucketMeta, index: int
     ) -> torch.Tensor:
         """Bucket bytes ready to broadcast, as a 1-D uint8 tensor on ``group.device``."""
-        if len(bucket.tensors) == 1:
-            only = named[bucket.tensors[0].name].detach()
-            if only.is_contiguous() and only.device == self.group.device:
-                return as_bytes(only)  # a lone contiguous tensor goes out without a copy
+        span = contiguous_span([named[m.name] for m in bucket.tensors], bucket)
+        if span is not None and span.device == self.group.device:
+            return as_bytes(span)  # already laid out as the bucket: goes out without a copy
         buffer = self._buffer(index % 2, bucket.nbytes)
         pack(named, bucket, out=typed_view(buffer, bucket))
         if buffer.is_cuda:
@@ -187,3 +212,37 @@ def _check_against_plan(named: dict[str, torch.Tensor], plan: UpdatePlan) -> Non
     for bucket in plan.buckets:
         for meta in bucket.tensors:
             check_tensor(meta, named[meta.name])
+
+
+def _wait_all(ops: list[PendingOp]) -> None:
+    for op in ops:
+        op.wait()
+
+
+def _merge_spans(buckets: list[BucketMeta], named: dict[str, torch.Tensor]) -> list[BucketMeta]:
+    """Fuse runs of neighbouring same-dtype buckets that form one contiguous span in memory."""
+    merged: list[BucketMeta] = []
+    last_span: torch.Tensor | None = None
+    for bucket in buckets:
+        span = contiguous_span([named[t.name] for t in bucket.tensors], bucket)
+        if merged and last_span is not None and span is not None and _follows(last_span, span):
+            last = merged[-1]
+            shifted = tuple(replace(t, offset=t.offset + last.numel) for t in bucket.tensors)
+            merged[-1] = BucketMeta(last.dtype, last.numel + bucket.numel, last.tensors + shifted)
+            last_span = last_span.as_strided(
+                (last.numel + bucket.numel,), (1,), last_span.storage_offset()
+            )
+            continue
+        merged.append(bucket)
+        last_span = span
+    return merged
+
+
+def _follows(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """``second`` starts where the 1-D ``first`` ends, in the same storage and dtype."""
+    return (
+        first.dtype == second.dtype
+        and first.device == second.device
+        and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+        and first.storage_offset() + first.numel() == second.storage_offset()
+    )

@@ -1,12 +1,12 @@
 """Engine side of the distributed path for all-or-nothing loaders: receive a whole update into
-one reusable staging arena, then hand out ``(name, view)`` pairs that stay valid until the next
-update.
+a reusable staging arena, then hand out ``(name, view)`` pairs into it.
 
 :class:`~weight_sync.receiver.WeightReceiver` hands buckets to a ``load_fn`` one at a time from
 two reused slots, which suits loaders that copy as they go. An engine that must not touch its
 weights before the *whole* update arrived (a dead sender mid-update must leave the old weights
-intact) needs every byte at once; receiving each bucket straight into its own slice of one arena
-costs no extra copy, and reusing the arena keeps memory flat across refits.
+intact) needs every byte at once; receiving each bucket straight into its own slice of one buffer
+costs no extra copy, reusing the buffers keeps memory flat across refits, and having two lets
+the engine keep a received update as its weights (no copy at commit either).
 
 Two wire formats, both bounded by the group's timeout:
 
@@ -18,13 +18,13 @@ Two wire formats, both bounded by the group's timeout:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
 import torch
 
 from weight_sync.bucket import NamedMeta, typed_view, unpack
 from weight_sync.group import PendingOp, WeightGroup
-from weight_sync.header import recv_header
+from weight_sync.header import PendingHeader, aborted_error, check_header, post_bucket
 from weight_sync.spec import BucketMeta, TensorMeta, UpdatePlan, dtype_to_str
 
 _ALIGN = 64  # bytes: every slice starts aligned for any dtype view (and for vector loads)
@@ -53,33 +53,57 @@ def tensor_buckets(named_metas: Sequence[NamedMeta]) -> list[BucketMeta]:
 
 
 class StagingArena:
-    """Owner of one reusable byte buffer on ``device`` that holds a whole update.
+    """Owner of two reusable byte buffers on ``device``; each holds a whole update.
 
-    The buffer grows to the largest update seen and is reused afterwards; :meth:`close` frees
-    it. Views returned by ``receive*`` alias the buffer: they are valid until the next
-    ``receive*`` or ``close`` (the caller must finish with them -- copy, or discard -- first).
+    Every ``receive*`` goes into a buffer that the caller does not use (``in_use``: data
+    pointers of storages still referenced, e.g. by parameters that adopted an earlier update),
+    so an engine can make a received update its parameters' storage and receive the next one
+    into the other buffer (double buffering, no copy at commit). Buffers grow to the largest
+    update seen and are reused; if both are in use, a one-off buffer is allocated.
+
+    Views returned by ``receive*`` alias a buffer: unless their storage is passed in
+    ``in_use`` later, they are valid only until the next ``receive*``, ``release_unused`` or
+    ``close``.
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self._buffer: torch.Tensor | None = None
+        self._buffers: list[torch.Tensor | None] = [None, None]
 
     @property
     def nbytes(self) -> int:
-        """Bytes currently held (0 after ``close``)."""
-        return 0 if self._buffer is None else self._buffer.numel()
+        """Bytes currently held by the arena's own buffers (0 after ``close``)."""
+        return sum(b.numel() for b in self._buffers if b is not None)
 
-    def _slices(self, buckets: Sequence[BucketMeta]) -> list[torch.Tensor]:
+    def _pick(self, total: int, in_use: Set[int]) -> torch.Tensor:
+        free = [i for i, b in enumerate(self._buffers) if b is None or _ptr(b) not in in_use]
+        if not free:
+            return torch.empty(max(total, 1), dtype=torch.uint8, device=self.device)
+        # Prefer a buffer that is already big enough (no allocation, no page faults).
+        fits = [i for i in free if (b := self._buffers[i]) is not None and b.numel() >= total]
+        slot = fits[0] if fits else free[0]
+        buffer = self._buffers[slot]
+        if buffer is None or buffer.numel() < total:
+            self._buffers[slot] = None  # free the old buffer before allocating the larger one
+            buffer = torch.empty(max(total, 1), dtype=torch.uint8, device=self.device)
+            self._buffers[slot] = buffer
+        return buffer
+
+    def _slices(self, buckets: Sequence[BucketMeta], in_use: Set[int]) -> list[torch.Tensor]:
         offsets, total = [], 0
         for bucket in buckets:
             offsets.append(total)
             total += _aligned(bucket.nbytes)
-        if self._buffer is None or self._buffer.numel() < total:
-            self._buffer = None  # free the old arena before allocating the larger one
-            self._buffer = torch.empty(max(total, 1), dtype=torch.uint8, device=self.device)
-        return [self._buffer[o : o + _aligned(b.nbytes)] for o, b in zip(offsets, buckets)]
+        buffer = self._pick(total, in_use)
+        return [buffer[o : o + _aligned(b.nbytes)] for o, b in zip(offsets, buckets)]
 
-    def receive(self, group: WeightGroup, plan: UpdatePlan, src_rank: int = 0) -> Pairs:
+    def receive(
+        self,
+        group: WeightGroup,
+        plan: UpdatePlan,
+        src_rank: int = 0,
+        in_use: Set[int] = frozenset(),
+    ) -> Pairs:
         """Receive every bucket of ``plan`` (header-checked, as ``WeightSender.send`` streams
         them) and return all ``(name, view)`` pairs in plan order.
 
@@ -88,17 +112,31 @@ class StagingArena:
         ``WeightSyncTimeout`` past the group timeout.
         """
         fingerprint = plan.fingerprint()
-        slices = self._slices(plan.buckets)
+        slices = self._slices(plan.buckets, in_use)
         n = len(plan.buckets)
-        for i, (bucket, raw) in enumerate(zip(plan.buckets, slices)):
-            recv_header(group, src_rank, plan, fingerprint, i)
-            if bucket.nbytes:  # the sender skips empty buckets too
-                what = f"bucket {i}/{n} ({bucket.nbytes} bytes, version {plan.weight_version})"
-                group.broadcast_async(raw[: bucket.nbytes], src_rank, what).wait()
+
+        def post(i: int) -> tuple[PendingHeader, PendingOp | None]:
+            return post_bucket(group, src_rank, plan, i, slices[i])
+
+        posted = post(0) if n else None
+        for i in range(n):
+            assert posted is not None
+            header, data = posted
+            aborted = check_header(group, header, plan, fingerprint)
+            if not aborted and i + 1 < n:
+                posted = post(i + 1)  # bucket i + 1 is posted while bucket i is on the wire
+            if data is not None:
+                data.wait()
+            if aborted:
+                raise aborted_error(group, plan, i)
         return self._pairs(plan.buckets, slices)
 
     def receive_tensors(
-        self, group: WeightGroup, named_metas: Sequence[NamedMeta], src_rank: int = 0
+        self,
+        group: WeightGroup,
+        named_metas: Sequence[NamedMeta],
+        src_rank: int = 0,
+        in_use: Set[int] = frozenset(),
     ) -> Pairs:
         """SGLang's protocol: one plain broadcast per tensor, in ``named_metas`` order.
 
@@ -107,7 +145,7 @@ class StagingArena:
         the size check of the transport, or later by the loader's validation.
         """
         buckets = tensor_buckets(named_metas)  # validates the dtype strings
-        slices = self._slices(buckets)
+        slices = self._slices(buckets, in_use)
         ops: list[PendingOp] = []
         for bucket, raw in zip(buckets, slices):
             if bucket.nbytes:
@@ -125,6 +163,24 @@ class StagingArena:
             pairs.extend(unpack(typed_view(raw, bucket), bucket))
         return pairs
 
+    def buffers(self) -> list[tuple[int, int]]:
+        """``(data pointer, bytes)`` of each buffer held."""
+        return [(_ptr(b), b.numel()) for b in self._buffers if b is not None]
+
+    def release_unused(self, in_use: Set[int] = frozenset()) -> int:
+        """Free the buffers not in ``in_use``; returns the bytes freed."""
+        freed = 0
+        for i, buffer in enumerate(self._buffers):
+            if buffer is not None and _ptr(buffer) not in in_use:
+                freed += buffer.numel()
+                self._buffers[i] = None
+        return freed
+
     def close(self) -> None:
-        """Free the arena (idempotent); the object stays usable and reallocates on demand."""
-        self._buffer = None
+        """Drop both buffers (idempotent; memory still viewed elsewhere lives on with those
+        views); the object stays usable and reallocates on demand."""
+        self._buffers = [None, None]
+
+
+def _ptr(buffer: torch.Tensor) -> int:
+    return buffer.untyped_storage().data_ptr()

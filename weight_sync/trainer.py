@@ -8,7 +8,7 @@ Distributed path (trainer is rank 0 of a standalone group, engines are ranks 1..
     port = free_port(host)
     refs = [e.init_group.remote(host, port, 1 + i, world, name) for i, e in enumerate(engines)]
     group = create_group(host, port, 0, world, name, "gloo", timeout_s=120)  # concurrent with refs
-    sender = WeightSender(group, bucket_bytes=512 << 20)
+    sender = WeightSender(group)  # buckets: 64 MB over gloo, 512 MB on GPU
     ...
     # after every training step; one RPC per engine carries the plan (JSON string):
     def send_plan(plan):
@@ -60,12 +60,14 @@ def hf_name(name: str) -> str:
 
 def named_tensors_of(
     source: torch.nn.Module | Mapping[str, torch.Tensor],
+    dedupe_tied: bool = True,
 ) -> list[tuple[str, torch.Tensor]]:
     """``(hf_name, tensor)`` pairs to push: detached, contiguous, in state-dict order.
 
     For a module this is its ``state_dict`` (parameters and *persistent* buffers; non-persistent
-    buffers such as rotary caches are skipped). Tied weights appear under each of their names,
-    as in the HF state dict. DTensor / sharded parameters must be gathered by the caller first.
+    buffers such as rotary caches are skipped). With ``dedupe_tied`` a tensor that aliases an
+    earlier one exactly (a tied LM head) is sent once, under its first name -- as HF saves it;
+    the engine re-ties it. DTensor / sharded parameters must be gathered by the caller first.
     Raises ``TypeError`` for non-tensor values and ``ValueError`` if two names collide after
     stripping wrapper prefixes.
     """
@@ -77,6 +79,7 @@ def named_tensors_of(
         raise TypeError(f"expected an nn.Module or a state dict, got {type(source).__name__}")
     out: list[tuple[str, torch.Tensor]] = []
     seen: set[str] = set()
+    aliases: set[tuple] = set()
     for raw_name, value in items:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{raw_name}: expected a tensor, got {type(value).__name__}")
@@ -84,8 +87,52 @@ def named_tensors_of(
         if name in seen:
             raise ValueError(f"two entries map to the name {name!r}")
         seen.add(name)
+        alias = _alias_key(value)
+        if dedupe_tied and alias is not None:
+            if alias in aliases:
+                continue  # a tied weight: the engine ties it again from the first name
+            aliases.add(alias)
         out.append((name, value.detach().contiguous()))
     return out
+
+
+def _alias_key(t: torch.Tensor) -> tuple | None:
+    if t.numel() == 0:
+        return None
+    storage = t.untyped_storage().data_ptr()
+    return (t.device, storage, t.storage_offset(), t.dtype, t.shape, t.stride())
+
+
+def flatten_parameters(module: torch.nn.Module) -> dict[torch.dtype, torch.Tensor]:
+    """Move ``module``'s parameters and persistent buffers into one flat buffer per dtype, in
+    :func:`named_tensors_of` order, and return the buffers.
+
+    Every tensor keeps its identity (``tensor.data`` is rebound to a view of the buffer), so
+    optimizers and hooks made before or after keep working, and in-place updates land in the
+    buffer. ``WeightSender`` then sends each bucket straight from that memory instead of
+    packing it (the bucket layout is the buffer's layout). Call once, before training; new
+    parameters added later are not moved. Values are preserved.
+    """
+    objects: dict[str, torch.Tensor] = {}
+    for raw_name, value in module.state_dict(keep_vars=True).items():
+        objects.setdefault(hf_name(raw_name), value)
+    named = named_tensors_of(module)
+    sizes: dict[torch.dtype, int] = {}
+    for _, t in named:
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    device = named[0][1].device if named else torch.device("cpu")
+    flats = {dt: torch.empty(n, dtype=dt, device=device) for dt, n in sizes.items()}
+    offsets = dict.fromkeys(sizes, 0)
+    with torch.no_grad():
+        for name, t in named:
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device}, the others on {device}")
+            start = offsets[t.dtype]
+            view = flats[t.dtype][start : start + t.numel()].view(t.shape)
+            view.copy_(t)
+            objects[name].data = view
+            offsets[t.dtype] = start + t.numel()
+    return flats
 
 
 def push_distributed(

@@ -105,9 +105,9 @@ def _send_all(workdir, port, world, steps, bucket_bytes, timeout_s) -> None:
                 from weight_sync.bucket import as_bytes, pack
 
                 fingerprint = plan.fingerprint()
-                send_header(group, 0, plan, fingerprint, 0, STATUS_OK)
+                send_header(group, 0, plan, fingerprint, 0, STATUS_OK).wait()
                 group.broadcast(as_bytes(pack(named, plan.buckets[0])), 0)
-                send_header(group, 0, plan, fingerprint, 1, STATUS_OK)
+                send_header(group, 0, plan, fingerprint, 1, STATUS_OK).wait()
                 time.sleep(0.5)  # the receivers are now waiting inside bucket 1
                 os._exit(17)
             else:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from ws_workers import bitwise_equal, make_named
 
-from weight_sync import WeightSender, WeightSyncError, create_group, free_port
+from weight_sync import WeightReceiver, WeightSender, WeightSyncError, create_group, free_port
 from weight_sync.checksum import checksums_of, tensor_checksum
 from weight_sync.staging import StagingArena, tensor_buckets
 
@@ -53,18 +53,31 @@ def test_arena_receives_whole_updates_and_is_reused():
     arena = StagingArena()
     try:
         pointers = []
-        for seed in (1, 2):
+
+        def receive(seed: int, in_use=frozenset()) -> int:
             named = make_named(seed)
             plan = sender.plan(named, seed)
             thread = threading.Thread(target=sender.send, args=(named, plan))
             thread.start()
-            pairs = arena.receive(recv_group, plan)
+            pairs = arena.receive(recv_group, plan, in_use=in_use)
             thread.join()
             assert [n for n, _ in pairs] == plan.names()
             assert all(bitwise_equal(t, named[n]) for n, t in pairs)
             assert all(t.data_ptr() % t.element_size() == 0 for _, t in pairs)
-            pointers.append(arena._buffer.data_ptr())
-        assert pointers[0] == pointers[1]  # same arena, no new allocation
+            return pairs[0][1].untyped_storage().data_ptr()
+
+        pointers = [receive(1), receive(2)]
+        assert pointers[0] == pointers[1]  # same buffer, no new allocation
+        assert len(arena.buffers()) == 1
+        # A buffer still in use (e.g. adopted as parameters) is never received into again:
+        # the other one is, and the two alternate (double buffering).
+        second = receive(4, in_use={pointers[0]})
+        assert second != pointers[0] and len(arena.buffers()) == 2
+        assert receive(5, in_use={second}) == pointers[0]
+        one_off = receive(6, in_use={pointers[0], second})  # both busy: a one-off buffer
+        assert one_off not in (pointers[0], second) and len(arena.buffers()) == 2
+        held = arena.nbytes
+        assert arena.release_unused({second}) == held // 2 and arena.buffers()[0][0] == second
 
         # A sender abort (a tensor that does not match the plan) reaches the receiver at once.
         named = make_named(3)
@@ -89,3 +102,49 @@ def _capture(errors: list, fn, *args) -> None:
         fn(*args)
     except Exception as exc:
         errors.append(exc)
+
+
+class FailingSender(WeightSender):
+    """Packing bucket ``fail_at`` raises once, as if a tensor changed under the sender."""
+
+    fail_at = 2
+
+    def _materialize(self, named, bucket, index):
+        if index == self.fail_at:
+            self.fail_at = -1
+            raise RuntimeError("tensor changed while packing")
+        return super()._materialize(named, bucket, index)
+
+
+@pytest.mark.parametrize("receiver", ["arena", "stream"])
+def test_abort_mid_update_keeps_the_stream_in_sync(receiver):
+    """Buckets 0-1 went out, bucket 2 fails: receivers raise 'sender aborted' (not a timeout),
+    and the very next update over the same group arrives intact."""
+    send_group, recv_group = _world()
+    sender = FailingSender(send_group, bucket_bytes=256)
+    arena, rx = StagingArena(), WeightReceiver(recv_group)
+    try:
+        for seed, fails in ((1, True), (2, False)):
+            named = make_named(seed)
+            plan = sender.plan(named, seed)
+            assert len(plan.buckets) > 3
+            errors: list = []
+            args = (errors, sender.send, named, plan)
+            thread = threading.Thread(target=_capture, args=args)
+            thread.start()
+            try:
+                if receiver == "arena":
+                    pairs = arena.receive(recv_group, plan)
+                else:
+                    pairs = [(n, t.clone()) for b in rx.stream(plan) for n, t in b]
+            except WeightSyncError as exc:
+                assert fails and "sender aborted" in str(exc) and "bucket 2/" in str(exc)
+            else:
+                assert not fails
+                assert all(bitwise_equal(t, named[n]) for n, t in pairs)
+            thread.join()
+            assert bool(errors) == fails
+    finally:
+        arena.close()
+        send_group.destroy()
+        recv_group.destroy()

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weight_sync import named_tensors_of
+from weight_sync import (
+    WeightSender,
+    create_group,
+    flatten_parameters,
+    free_port,
+    named_tensors_of,
+    pack,
+    plan_buckets,
+)
+from weight_sync.bucket import contiguous_span
 
 
 class _Block(torch.nn.Module):
@@ -39,3 +48,65 @@ def test_bad_inputs_raise() -> None:
         named_tensors_of([torch.ones(1)])
     with pytest.raises(ValueError, match="two entries"):
         named_tensors_of({"module.w": torch.ones(1), "w": torch.ones(1)})
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.norm = torch.nn.LayerNorm(4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+        self.scale = torch.nn.Parameter(torch.randn(3, dtype=torch.float16))
+
+
+def test_tied_weights_are_sent_once_unless_asked() -> None:
+    model = _Tied()
+    names = [n for n, _ in named_tensors_of(model)]
+    assert "embed.weight" in names and "head.weight" not in names
+    assert "head.weight" in [n for n, _ in named_tensors_of(model, dedupe_tied=False)]
+
+
+def test_flatten_parameters_keeps_values_and_identity_and_sends_without_packing() -> None:
+    torch.manual_seed(0)
+    model = _Tied()
+    before = {n: t.clone() for n, t in named_tensors_of(model)}
+    params = list(model.parameters())
+    flats = flatten_parameters(model)
+    assert set(flats) == {torch.float32, torch.float16}
+    assert list(model.parameters()) == params  # same objects (optimizers keep working)
+    after = dict(named_tensors_of(model))
+    assert all(torch.equal(after[n], t) for n, t in before.items())
+    start, end = flats[torch.float32].data_ptr(), flats[torch.float32].data_ptr() + 4 * 54
+    assert all(start <= t.data_ptr() < end for t in after.values() if t.dtype == torch.float32)
+
+    # An optimizer step lands in the flat buffer.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.norm.weight.grad = torch.ones(4)
+    opt.step()
+    assert torch.equal(dict(named_tensors_of(model))["norm.weight"], before["norm.weight"] - 0.1)
+
+    # The plan merges the flat buffer into one bucket per dtype (beyond bucket_bytes), and
+    # every bucket is a view of the trainer's memory: nothing to pack.
+    with create_group("127.0.0.1", free_port(), 0, 1, "plan-only", timeout_s=10) as group:
+        sender = WeightSender(group, bucket_bytes=64)
+        plan = sender.plan(named_tensors_of(model), 1)
+        unmerged = sender.plan(named_tensors_of(model), 1, merge_spans=False)
+    assert sorted(b.dtype for b in plan.buckets) == ["float16", "float32"]
+    assert len(unmerged.buckets) > 2
+    named = dict(named_tensors_of(model))
+    for bucket in plan.buckets:
+        span = contiguous_span([named[t.name] for t in bucket.tensors], bucket)
+        assert span is not None and span.data_ptr() == flats[span.dtype].data_ptr()
+        assert torch.equal(span, pack(named, bucket))
+
+
+def test_contiguous_span_rejects_what_must_be_packed() -> None:
+    flat = torch.arange(12.0)
+    a, b = flat[:4].view(2, 2), flat[4:10]
+    bucket = plan_buckets([("a", torch.float32, (2, 2)), ("b", torch.float32, (6,))], 1 << 20)[0]
+    assert contiguous_span([a, b], bucket) is not None
+    assert contiguous_span([a, flat[5:11]], bucket) is None  # a gap
+    assert contiguous_span([b[:4].view(2, 2), a.reshape(-1)[:0]], bucket) is None  # wrong shape
+    assert contiguous_span([a, torch.arange(6.0)], bucket) is None  # another storage
+    assert contiguous_span([flat.view(3, 4).t()[:2, :2], b], bucket) is None  # not contiguous

@@ -1,0 +1,116 @@
+"""Adopting commits: a complete update received into a staging buffer becomes the parameters'
+storage (no copy), parameters never keep an earlier buffer pinned, and partial updates copy."""
+
+from __future__ import annotations
+
+import torch
+from refit_workers import GROUP, SenderProcess, Step, tensors_for
+from torch import nn
+
+from engine_core import Engine
+from engine_core.adopt import Part, commit_adopting
+from weight_sync import free_port
+from weight_sync.checksum import checksums_of
+
+
+class Toy(nn.Module):
+    """``fused`` is filled from three parts (like q/k/v); ``plain`` from one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fused = nn.Parameter(torch.zeros(6, 4), requires_grad=False)
+        self.plain = nn.Parameter(torch.zeros(5), requires_grad=False)
+
+
+def parts_from(toy: Toy, flat: torch.Tensor, order: tuple[int, int, int]) -> list[Part]:
+    """Sources laid out in ``flat``: the three fused parts in ``order``, then ``plain``."""
+    pieces, offset = {}, 0
+    for i in order:
+        pieces[i] = flat[offset : offset + 8].view(2, 4)
+        offset += 8
+    parts = [Part(toy.fused, toy.fused[2 * i : 2 * i + 2], pieces[i]) for i in range(3)]
+    return parts + [Part(toy.plain, toy.plain, flat[offset : offset + 5])]
+
+
+def inside(t: torch.Tensor, buffer: torch.Tensor) -> bool:
+    start = buffer.data_ptr()
+    return start <= t.data_ptr() < start + buffer.numel() * buffer.element_size()
+
+
+def test_complete_update_is_adopted_without_copy():
+    toy = Toy()
+    flat = torch.arange(29, dtype=torch.float32)
+    assert commit_adopting(parts_from(toy, flat, (0, 1, 2)), list(toy.parameters())) == 2
+    assert inside(toy.fused, flat) and inside(toy.plain, flat)
+    assert torch.equal(toy.fused.flatten(), flat[:24]) and torch.equal(toy.plain, flat[24:])
+    flat.add_(1)  # the buffer *is* the storage now
+    assert toy.plain[0].item() == 25.0
+
+
+def test_parts_out_of_order_are_copied_into_own_storage():
+    toy = Toy()
+    first = torch.arange(29, dtype=torch.float32)
+    commit_adopting(parts_from(toy, first, (0, 1, 2)), list(toy.parameters()))
+    second = torch.arange(100, 129, dtype=torch.float32)
+    # k before q: the fused weight cannot be a view; it must leave ``first`` all the same.
+    assert commit_adopting(parts_from(toy, second, (1, 0, 2)), list(toy.parameters())) == 1
+    assert not inside(toy.fused, first) and not inside(toy.fused, second)
+    assert inside(toy.plain, second)
+    expected = torch.cat([second[8:16], second[0:8], second[16:24]]).view(6, 4)
+    assert torch.equal(toy.fused, expected)
+
+
+def test_partial_update_copies_in_place():
+    toy = Toy()
+    ptr = toy.plain.data_ptr()
+    flat = torch.arange(29, dtype=torch.float32)
+    parts = [p for p in parts_from(toy, flat, (0, 1, 2)) if p.param is toy.plain]
+    assert commit_adopting(parts, list(toy.parameters())) == 0
+    assert toy.plain.data_ptr() == ptr and torch.equal(toy.plain, flat[24:])
+
+
+def run(engine: Engine) -> list:
+    greedy = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+    outs = engine.generate(input_ids=[[1, 2, 3], [7, 6, 5, 4]], sampling_params=greedy)
+    return [o["output_ids"] for o in outs]
+
+
+def test_engine_adopts_received_buffers_and_alternates(model_dir, tmp_path):
+    paths = [model_dir("qwen2"), model_dir("qwen2", seed=1)]  # qkv biases interleave q/k/v
+    expected = []
+    for path in paths:
+        with Engine(path, device="cpu") as fresh:
+            expected.append(run(fresh))
+    steps = [Step(paths[1], "a"), Step(paths[0], "b"), Step(paths[1], "c")]
+    port = free_port()
+    sender = SenderProcess(tmp_path, port, 2, steps)
+    try:
+        with Engine(paths[0], device="cpu") as engine:
+            runner = engine.executor.runner
+            engine.init_weights_update_group("127.0.0.1", port, 1, 2, GROUP)
+            arena = runner.refit.members[GROUP].arena
+            seen = []
+            for k, step in enumerate(steps):
+                engine.update_weights_from_distributed(sender.plan(k), group_name=GROUP)
+                assert run(engine) == expected[1 if k != 1 else 0]
+                buffers = [ptr for ptr, _ in arena.buffers()]
+                # Every parameter lives in the buffer just received (adopted, not copied)...
+                storages = runner.weight_storages()
+                assert len(storages & set(buffers)) == 1
+                seen.append((storages & set(buffers)).pop())
+                assert engine.get_weights_checksum() == checksums_of(tensors_for(step))
+            assert seen[0] != seen[1] and seen[2] == seen[0]  # ...and the two alternate
+
+            # A partial tensor refit copies into the adopted storage in place.
+            named = tensors_for(Step(paths[0], "x"))
+            name = "model.layers.0.mlp.down_proj.weight"
+            engine.update_weights_from_tensor({name: named[name]}, weight_version="partial")
+            assert runner.weight_storages() & set(buffers) == {seen[2]}
+            assert engine.get_weights_checksum([name]) == checksums_of({name: named[name]})
+
+            # Releasing the weights frees the arena too (sleep gives all of it back).
+            freed = engine.release_memory_occupation(["weights"])
+            assert arena.nbytes == 0, freed
+    finally:
+        result = sender.close()
+    assert result["ok"], result
