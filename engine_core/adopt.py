@@ -6,8 +6,9 @@ distributed refit received into -- and saves the full-model copy: a parameter wh
 already lie in one buffer back to back, in the parameter's layout, is rebound to a view of that
 buffer (``param.data = view``; the ``nn.Parameter`` object and every reference to it stay).
 
-Adoption happens only when the update covers every parameter completely. Then, after the
-commit, no parameter aliases any earlier buffer: the ones that could not be adopted (fused parts
+Adoption happens only when the update covers every parameter completely, and only if most of
+the bytes can be adopted (a view pins the whole buffer). Then, after the commit, no parameter
+aliases any earlier buffer: the ones that could not be adopted (fused parts
 split across buckets, TP shards cut out of the middle of a tensor) are copied into storage of
 their own. That is what lets the arena reuse its other buffer for the next update (double
 buffering) and what keeps a partial refit from pinning two buffers at once.
@@ -48,31 +49,35 @@ def commit_adopting(parts: list[Part], all_params: list[nn.Parameter]) -> int:
     if not complete:
         commit_by_copy(parts)
         return 0
+    views = {id(p): _adoptable_view(p, by_param[id(p)]) for p in all_params}
+    adoptable = sum(p.nbytes for p in all_params if views[id(p)] is not None)
+    # Adopting pins the whole received buffer; worth it only if it saves most of the copy
+    # (with TP most shards are cut out of the middle of a tensor and must be copied anyway).
+    adopt = 2 * adoptable >= sum(p.nbytes for p in all_params)
     adopted = 0
     with torch.no_grad():
         for param in all_params:
-            own = by_param[id(param)]
-            view = _adoptable_view(param, own)
-            if view is not None:
+            own, view = by_param[id(param)], views[id(param)]
+            if adopt and view is not None:
                 param.data = view
                 adopted += 1
                 continue
             if _shares_storage(param) and param.is_contiguous():
                 # Leave the old buffer for the arena to reuse; every element is written below.
-                old_base = param.storage_offset()
+                # (A part's ``dst`` may be the parameter itself: take offsets before rebinding.)
+                where = [(p.dst.shape, p.dst.stride(), _offset_in(p.dst, param)) for p in own]
                 param.data = torch.empty_like(param)
-                for part in own:
-                    _moved(part.dst, old_base, param).copy_(part.src)
+                for part, (shape, stride, offset) in zip(own, where):
+                    start = param.storage_offset() + offset
+                    param.data.as_strided(shape, stride, start).copy_(part.src)
                 continue
             for part in own:
                 part.dst.copy_(part.src)
     return adopted
 
 
-def _moved(dst: torch.Tensor, old_base: int, param: torch.Tensor) -> torch.Tensor:
-    """``dst`` (a view of a parameter's old storage) re-made on the parameter's new storage."""
-    offset = param.storage_offset() + dst.storage_offset() - old_base
-    return param.data.as_strided(dst.shape, dst.stride(), offset)
+def _offset_in(view: torch.Tensor, param: torch.Tensor) -> int:
+    return view.storage_offset() - param.storage_offset()
 
 
 def _covers(param: torch.Tensor, parts: list[Part]) -> bool:

@@ -52,12 +52,26 @@ def test_parts_out_of_order_are_copied_into_own_storage():
     first = torch.arange(29, dtype=torch.float32)
     commit_adopting(parts_from(toy, first, (0, 1, 2)), list(toy.parameters()))
     second = torch.arange(100, 129, dtype=torch.float32)
-    # k before q: the fused weight cannot be a view; it must leave ``first`` all the same.
-    assert commit_adopting(parts_from(toy, second, (1, 0, 2)), list(toy.parameters())) == 1
-    assert not inside(toy.fused, first) and not inside(toy.fused, second)
-    assert inside(toy.plain, second)
+    # k before q: the fused weight cannot be a view, and the rest (5 of 29 elements) is not
+    # worth pinning a buffer for: everything is copied, into storage that leaves ``first``.
+    assert commit_adopting(parts_from(toy, second, (1, 0, 2)), list(toy.parameters())) == 0
+    for param in toy.parameters():
+        assert not inside(param, first) and not inside(param, second)
     expected = torch.cat([second[8:16], second[0:8], second[16:24]]).view(6, 4)
-    assert torch.equal(toy.fused, expected)
+    assert torch.equal(toy.fused, expected) and torch.equal(toy.plain, second[24:])
+
+
+def test_mostly_adoptable_update_adopts_and_copies_the_rest():
+    toy = Toy()
+    first = torch.arange(29, dtype=torch.float32)
+    commit_adopting(parts_from(toy, first, (0, 1, 2)), list(toy.parameters()))
+    second = torch.arange(100, 140, dtype=torch.float32)
+    parts = parts_from(toy, second, (0, 1, 2))[:3]
+    strided = second[24:34:2]  # not contiguous: must be copied
+    parts.append(Part(toy.plain, toy.plain, strided))
+    assert commit_adopting(parts, list(toy.parameters())) == 1
+    assert inside(toy.fused, second) and not inside(toy.plain, first)
+    assert not inside(toy.plain, second) and torch.equal(toy.plain, strided)
 
 
 def test_partial_update_copies_in_place():
