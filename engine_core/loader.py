@@ -79,12 +79,9 @@ def expected_keys(model: nn.Module) -> set[Key]:
     return keys
 
 
-def _target(model: nn.Module, name: str, tensor: torch.Tensor, key: Key) -> Part:
+def _target(modules: dict[str, nn.Module], name: str, tensor: torch.Tensor, key: Key) -> Part:
     path, leaf, shard_id = key
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        module = None
+    module = modules.get(path)
     if module is None or not hasattr(module, "shard_target") or getattr(module, leaf, None) is None:
         raise ModelLoadError(f"unexpected weight {name!r}: the model has no such parameter")
     try:
@@ -138,6 +135,7 @@ def stage_weights(
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     parts: list[Part] = []
     seen: dict[Key, str] = {}
+    modules = dict(model.named_modules())
     for name, tensor in named_tensors:
         if name.endswith(SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
@@ -151,7 +149,7 @@ def stage_weights(
         if key in seen:
             raise ModelLoadError(f"weight {name!r} given twice (also as {seen[key]!r})")
         seen[key] = name
-        parts.append(_target(model, name, tensor, key))
+        parts.append(_target(modules, name, tensor, key))
     if require_complete:
         missing = expected_keys(model) - set(seen)
         if missing:
