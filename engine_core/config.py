@@ -53,6 +53,10 @@ class EngineConfig:
     weights_host_copy: bool | None = None
     # A request while memory is released by hand: "raise" EngineReleasedError, or "wait".
     generate_while_released: str = "raise"
+    # Distributed refits stage a whole update per rank (atomicity) into one of two buffers; a
+    # complete update becomes the weights' storage. True keeps the idle buffer for the next
+    # refit (no allocation, ~1 model of memory per rank); False frees it after every commit.
+    keep_refit_staging: bool = True
 
     def __post_init__(self) -> None:
         self._check_choice("dtype", self.dtype, DTYPES)
@@ -78,7 +82,7 @@ class EngineConfig:
             raise InvalidConfigError("sleep_on_idle_s", idle, "must be a number of seconds")
         if idle is not None and not idle > 0:
             raise InvalidConfigError("sleep_on_idle_s", idle, "must be > 0 (None: off)")
-        for name in ("sleep_on_idle_weights", "weights_host_copy"):
+        for name in ("sleep_on_idle_weights", "weights_host_copy", "keep_refit_staging"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "weights_host_copy"):
                 raise InvalidConfigError(name, value, "must be a bool")

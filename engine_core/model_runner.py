@@ -291,7 +291,13 @@ class ModelRunner(RunnerMemory):
     def commit_weights(self) -> int:
         staged, self._staged = self._staged, None
         assert staged is not None, "commit_weights without stage_weights"
-        return staged.commit()
+        count = staged.commit()
+        if "refit" in self.__dict__:
+            if self.config.keep_refit_staging:
+                self.refit.reserve_spares(self.weight_storages())
+            else:
+                self.refit.release_staging(self.weight_storages())  # the buffers nothing uses
+        return count
 
     def discard_weights(self) -> None:
         self._staged = None

@@ -166,6 +166,11 @@ class RankRefit:
             pairs, require_complete=False, strict_dtype=True, adopt=adopt
         )
 
+    def reserve_spares(self, in_use: set[int]) -> None:
+        """After a commit: every arena keeps a touched buffer the weights do not use."""
+        for member in self.members.values():
+            member.arena.reserve_spare(in_use)
+
     def release_staging(self, counted: set[int]) -> int:
         """Free every arena buffer a held update does not use (weights released); returns the
         bytes freed outside the storages in ``counted``."""

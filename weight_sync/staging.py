@@ -163,6 +163,24 @@ class StagingArena:
             pairs.extend(unpack(typed_view(raw, bucket), bucket))
         return pairs
 
+    def reserve_spare(self, in_use: Set[int] = frozenset()) -> None:
+        """Make sure a buffer outside ``in_use``, as large as the largest held, exists and has
+        been touched: the next ``receive`` then allocates nothing, and the process's memory
+        stays flat from the first update on (instead of growing again at the second)."""
+        sizes = [b.numel() for b in self._buffers if b is not None]
+        if not sizes:
+            return
+        free = [i for i, b in enumerate(self._buffers) if b is None or _ptr(b) not in in_use]
+        if not free or any(
+            (b := self._buffers[i]) is not None and b.numel() >= max(sizes) for i in free
+        ):
+            return
+        slot = free[0]
+        self._buffers[slot] = None
+        spare = torch.empty(max(sizes), dtype=torch.uint8, device=self.device)
+        spare.zero_()  # first touch (page faults) now, not inside the next transfer
+        self._buffers[slot] = spare
+
     def buffers(self) -> list[tuple[int, int]]:
         """``(data pointer, bytes)`` of each buffer held."""
         return [(_ptr(b), b.numel()) for b in self._buffers if b is not None]

@@ -108,6 +108,7 @@ def test_engine_adopts_received_buffers_and_alternates(model_dir, tmp_path):
                 engine.update_weights_from_distributed(sender.plan(k), group_name=GROUP)
                 assert run(engine) == expected[1 if k != 1 else 0]
                 buffers = [ptr for ptr, _ in arena.buffers()]
+                assert len(buffers) == 2  # the spare exists from the first refit on
                 # Every parameter lives in the buffer just received (adopted, not copied)...
                 storages = runner.weight_storages()
                 assert len(storages & set(buffers)) == 1
@@ -125,6 +126,24 @@ def test_engine_adopts_received_buffers_and_alternates(model_dir, tmp_path):
             # Releasing the weights frees the arena too (sleep gives all of it back).
             freed = engine.release_memory_occupation(["weights"])
             assert arena.nbytes == 0, freed
+    finally:
+        result = sender.close()
+    assert result["ok"], result
+
+
+def test_staging_can_be_released_after_every_refit(model_dir, tmp_path):
+    paths = [model_dir("llama"), model_dir("llama", seed=1)]
+    with Engine(paths[1], device="cpu") as fresh:
+        expected = run(fresh)
+    port = free_port()
+    sender = SenderProcess(tmp_path, port, 2, [Step(paths[1], "a"), Step(paths[1], "b")])
+    try:
+        with Engine(paths[0], device="cpu", keep_refit_staging=False) as engine:
+            engine.init_weights_update_group("127.0.0.1", port, 1, 2, GROUP)
+            arena = engine.executor.runner.refit.members[GROUP].arena
+            for k in range(2):
+                engine.update_weights_from_distributed(sender.plan(k), group_name=GROUP)
+                assert arena.buffers() == [] and run(engine) == expected
     finally:
         result = sender.close()
     assert result["ok"], result

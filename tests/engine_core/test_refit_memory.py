@@ -55,3 +55,27 @@ def test_no_memory_growth_over_50_refits(model_dir, tmp_path):
     assert result["ok"], result
     assert growth < BOUND_KB, f"RSS grew by {growth} kB over {MEASURED} refits"
     assert list_segments("rlr-") == []
+
+
+def test_memory_is_flat_from_the_first_distributed_refit(model_dir, tmp_path):
+    """The arena's spare buffer is made (and touched) at the first refit, so the second does
+    not grow the process by another copy of the model."""
+    size = dict(hidden_size=512, intermediate_size=1536)
+    paths = [model_dir("llama", **size), model_dir("llama", seed=1, **size)]
+    model_kb = sum(t.nbytes for t in tensors_for(Step(paths[0], "x")).values()) >> 10
+    steps = [Step(paths[i % 2], f"v{i}") for i in range(8)]
+    port = free_port()
+    sender = SenderProcess(tmp_path, port, 2, steps, bucket_bytes=4 << 20)
+    try:
+        with Engine(paths[0], device="cpu", max_total_tokens=256) as engine:
+            engine.init_weights_update_group("127.0.0.1", port, 1, 2, GROUP)
+            for k in range(len(steps)):
+                engine.update_weights_from_distributed(sender.plan(k), group_name=GROUP)
+                if k == 0:
+                    base = rss_kb()
+            growth = rss_kb() - base
+    finally:
+        result = sender.close()
+    assert result["ok"], result
+    assert model_kb > 16 << 10, model_kb  # big enough for a second copy to show
+    assert growth < model_kb // 2, f"RSS grew by {growth} kB (model: {model_kb} kB)"
