@@ -21,6 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# A parameter adopts a view only if it is aligned like a fresh allocation would be: MKL's GEMV
+# gives different bits for weights off a 32-byte boundary, cuBLASLt checks up to 256 bytes.
+ADOPT_ALIGN_BYTES = 256
+
 
 @dataclass
 class Part:
@@ -118,4 +122,6 @@ def _adoptable_view(param: torch.Tensor, parts: list[Part]) -> torch.Tensor | No
             return None
         expect_dst += part.dst.numel()
         expect_src += src.numel()
+    if first.data_ptr() % ADOPT_ALIGN_BYTES:
+        return None  # kernels would take another path than on a fresh allocation: other bits
     return first.as_strided(param.shape, param.stride(), first.storage_offset())

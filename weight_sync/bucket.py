@@ -15,6 +15,11 @@ import torch
 from weight_sync.spec import BucketMeta, TensorMeta, dtype_from_str, dtype_to_str, element_size
 
 DEFAULT_BUCKET_BYTES = 512 << 20
+# Every tensor starts this many bytes into a bucket (from an aligned bucket start). Kernels pick
+# code paths by pointer alignment -- MKL's GEMV gives different bits for weights that are not
+# 32-byte aligned, cuBLASLt checks up to 256 -- so a receiver that keeps a bucket as parameter
+# storage must see the alignment a fresh allocation has to stay bitwise equal to it.
+ALIGN_BYTES = 256
 # Over gloo the bucket is packed by the CPU that also drives the sockets: smaller buckets let
 # packing overlap the wire (measured on 2 cores: 64 MB beats 512 MB and 8-32 MB, see
 # BENCHMARKS.md); on a GPU packing is a device copy and fewer, larger buckets win.
@@ -38,8 +43,9 @@ def plan_buckets(named_metas: Iterable[NamedMeta], bucket_bytes: int) -> list[Bu
     """Group tensors into per-dtype buckets of at most ``bucket_bytes`` bytes.
 
     Order: dtypes in order of first appearance; within a dtype, tensors in input order, filled
-    greedily. A tensor larger than ``bucket_bytes`` gets a bucket of its own (so no tensor is ever
-    split). Empty and 0-d tensors are allowed.
+    greedily, each starting on an ``ALIGN_BYTES`` boundary (the gaps are not meaningful). A
+    tensor larger than ``bucket_bytes`` gets a bucket of its own (so no tensor is ever split).
+    Empty and 0-d tensors are allowed.
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
@@ -58,6 +64,13 @@ def plan_buckets(named_metas: Iterable[NamedMeta], bucket_bytes: int) -> list[Bu
     return buckets
 
 
+def align_elements(numel: int, dtype: str | torch.dtype) -> int:
+    """``numel`` rounded up so that the next tensor starts on an ``ALIGN_BYTES`` boundary."""
+    key = dtype if isinstance(dtype, str) else dtype_to_str(dtype)
+    step = max(1, ALIGN_BYTES // element_size(key))
+    return -(-numel // step) * step
+
+
 def _fill_buckets(
     dtype: str, entries: list[tuple[str, tuple[int, ...]]], bucket_bytes: int
 ) -> list[BucketMeta]:
@@ -69,11 +82,12 @@ def _fill_buckets(
         numel = 1
         for d in shape:
             numel *= d
-        if current and used + numel > limit:
+        start = align_elements(used, dtype)
+        if current and start + numel > limit:
             buckets.append(BucketMeta(dtype, used, tuple(current)))
-            current, used = [], 0
-        current.append(TensorMeta(name, dtype, shape, used, numel))
-        used += numel
+            current, used, start = [], 0, 0
+        current.append(TensorMeta(name, dtype, shape, start, numel))
+        used = start + numel
     if current:
         buckets.append(BucketMeta(dtype, used, tuple(current)))
     return buckets
@@ -126,8 +140,11 @@ def pack(
         out = torch.empty(bucket.numel, dtype=dtype, device=device)
     _check_flat(out, bucket, at_least=True)
     flat = out[: bucket.numel]
+    end = 0
     for meta, tensor in zip(bucket.tensors, ordered):
+        flat[end : meta.offset].zero_()  # alignment gap: no stale memory on the wire
         flat.narrow(0, meta.offset, meta.numel).view(meta.shape).copy_(tensor)
+        end = meta.offset + meta.numel
     return flat
 
 

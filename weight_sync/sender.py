@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from weight_sync.bucket import (
+    align_elements,
     as_bytes,
     check_tensor,
     contiguous_span,
@@ -227,10 +228,11 @@ def _merge_spans(buckets: list[BucketMeta], named: dict[str, torch.Tensor]) -> l
         span = contiguous_span([named[t.name] for t in bucket.tensors], bucket)
         if merged and last_span is not None and span is not None and _follows(last_span, span):
             last = merged[-1]
-            shifted = tuple(replace(t, offset=t.offset + last.numel) for t in bucket.tensors)
-            merged[-1] = BucketMeta(last.dtype, last.numel + bucket.numel, last.tensors + shifted)
+            start = align_elements(last.numel, last.dtype)
+            shifted = tuple(replace(t, offset=t.offset + start) for t in bucket.tensors)
+            merged[-1] = BucketMeta(last.dtype, start + bucket.numel, last.tensors + shifted)
             last_span = last_span.as_strided(
-                (last.numel + bucket.numel,), (1,), last_span.storage_offset()
+                (start + bucket.numel,), (1,), last_span.storage_offset()
             )
             continue
         merged.append(bucket)
@@ -239,10 +241,12 @@ def _merge_spans(buckets: list[BucketMeta], named: dict[str, torch.Tensor]) -> l
 
 
 def _follows(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """``second`` starts where the 1-D ``first`` ends, in the same storage and dtype."""
+    """``second`` starts where the next tensor after the 1-D ``first`` would (the plan's
+    alignment), in the same storage and dtype."""
     return (
         first.dtype == second.dtype
         and first.device == second.device
         and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
-        and first.storage_offset() + first.numel() == second.storage_offset()
+        and first.storage_offset() + align_elements(first.numel(), first.dtype)
+        == second.storage_offset()
     )

@@ -22,18 +22,18 @@ from collections.abc import Sequence, Set
 
 import torch
 
-from weight_sync.bucket import NamedMeta, typed_view, unpack
+from weight_sync.bucket import ALIGN_BYTES, NamedMeta, typed_view, unpack
 from weight_sync.group import PendingOp, WeightGroup
 from weight_sync.header import PendingHeader, aborted_error, check_header, post_bucket
 from weight_sync.spec import BucketMeta, TensorMeta, UpdatePlan, dtype_to_str
-
-_ALIGN = 64  # bytes: every slice starts aligned for any dtype view (and for vector loads)
 
 Pairs = list[tuple[str, torch.Tensor]]
 
 
 def _aligned(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN
+    # Every slice starts on an ALIGN_BYTES boundary: what a fresh allocation would give the
+    # tensors in it, if the engine keeps them as its weights (see weight_sync.bucket).
+    return -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
 
 
 def tensor_buckets(named_metas: Sequence[NamedMeta]) -> list[BucketMeta]:
@@ -94,8 +94,9 @@ class StagingArena:
         for bucket in buckets:
             offsets.append(total)
             total += _aligned(bucket.nbytes)
-        buffer = self._pick(total, in_use)
-        return [buffer[o : o + _aligned(b.nbytes)] for o, b in zip(offsets, buckets)]
+        buffer = self._pick(total + ALIGN_BYTES, in_use)
+        pad = -buffer.data_ptr() % ALIGN_BYTES
+        return [buffer[pad + o : pad + o + _aligned(b.nbytes)] for o, b in zip(offsets, buckets)]
 
     def receive(
         self,

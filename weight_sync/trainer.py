@@ -42,7 +42,7 @@ from typing import TypeVar
 
 import torch
 
-from weight_sync.bucket import DEFAULT_BUCKET_BYTES
+from weight_sync.bucket import ALIGN_BYTES, DEFAULT_BUCKET_BYTES, align_elements
 from weight_sync.colocated import BucketHandle, ColocatedBuckets
 from weight_sync.sender import NamedTensors, WeightSender
 from weight_sync.spec import UpdatePlan
@@ -117,22 +117,31 @@ def flatten_parameters(module: torch.nn.Module) -> dict[torch.dtype, torch.Tenso
     for raw_name, value in module.state_dict(keep_vars=True).items():
         objects.setdefault(hf_name(raw_name), value)
     named = named_tensors_of(module)
-    sizes: dict[torch.dtype, int] = {}
+    # The plan's layout: each tensor on an ALIGN_BYTES boundary of its dtype's buffer.
+    starts: list[int] = []
+    ends: dict[torch.dtype, int] = {}
     for _, t in named:
-        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+        start = align_elements(ends.get(t.dtype, 0), t.dtype)
+        starts.append(start)
+        ends[t.dtype] = start + t.numel()
     device = named[0][1].device if named else torch.device("cpu")
-    flats = {dt: torch.empty(n, dtype=dt, device=device) for dt, n in sizes.items()}
-    offsets = dict.fromkeys(sizes, 0)
+    flats = {dt: _aligned_empty(n, dt, device) for dt, n in ends.items()}
     with torch.no_grad():
-        for name, t in named:
+        for (name, t), start in zip(named, starts):
             if t.device != device:
                 raise ValueError(f"{name} is on {t.device}, the others on {device}")
-            start = offsets[t.dtype]
             view = flats[t.dtype][start : start + t.numel()].view(t.shape)
             view.copy_(t)
             objects[name].data = view
-            offsets[t.dtype] = start + t.numel()
     return flats
+
+
+def _aligned_empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 1-D tensor whose first element sits on an ``ALIGN_BYTES`` boundary."""
+    slack = ALIGN_BYTES // torch.empty(0, dtype=dtype).element_size()
+    raw = torch.zeros(numel + slack, dtype=dtype, device=device)  # gaps go on the wire: zeros
+    skip = (-raw.data_ptr() % ALIGN_BYTES) // raw.element_size()
+    return raw[skip : skip + numel]
 
 
 def push_distributed(

@@ -7,6 +7,7 @@ import torch
 from ws_workers import SPECS, bitwise_equal, make_named
 
 from weight_sync import BucketMeta, metas_of, pack, plan_buckets, unpack
+from weight_sync.bucket import ALIGN_BYTES
 from weight_sync.spec import dtype_from_str
 
 
@@ -80,12 +81,24 @@ def test_pack_rejects_mismatched_tensors_before_writing() -> None:
 def test_pack_into_larger_out_buffer_and_unpack_checks_size() -> None:
     named = {"a": torch.arange(3.0), "b": torch.arange(2.0)}
     (bucket,) = plan_buckets(metas_of(named.items()), 1 << 20)
-    out = torch.full((10,), -1.0)
+    step = ALIGN_BYTES // 4  # "b" starts on the next aligned boundary
+    assert [m.offset for m in bucket.tensors] == [0, step] and bucket.numel == step + 2
+    out = torch.full((step + 10,), -1.0)
     flat = pack(named, bucket, out=out)
-    assert flat.data_ptr() == out.data_ptr() and flat.tolist() == [0, 1, 2, 0, 1]
-    assert out[5:].eq(-1).all()
+    assert flat.data_ptr() == out.data_ptr()
+    assert flat[:3].tolist() == [0, 1, 2] and flat[step:].tolist() == [0, 1]
+    assert out[step + 2 :].eq(-1).all()
     with pytest.raises(ValueError, match="elements"):
         unpack(out, bucket)
+
+
+def test_every_tensor_starts_aligned_whatever_its_size() -> None:
+    named = make_named(seed=0)
+    for bucket_bytes in (1 << 10, 1 << 30):
+        for bucket in plan_buckets(metas_of(named.items()), bucket_bytes):
+            size = named[bucket.tensors[0].name].element_size()
+            assert all(m.offset * size % ALIGN_BYTES == 0 for m in bucket.tensors)
+            assert bucket.nbytes <= max(bucket_bytes, max(m.numel * size for m in bucket.tensors))
 
 
 def test_plan_buckets_rejects_duplicates_and_bad_sizes() -> None:

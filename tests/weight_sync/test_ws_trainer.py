@@ -14,7 +14,7 @@ from weight_sync import (
     pack,
     plan_buckets,
 )
-from weight_sync.bucket import contiguous_span
+from weight_sync.bucket import ALIGN_BYTES, contiguous_span
 
 
 class _Block(torch.nn.Module):
@@ -77,8 +77,12 @@ def test_flatten_parameters_keeps_values_and_identity_and_sends_without_packing(
     assert list(model.parameters()) == params  # same objects (optimizers keep working)
     after = dict(named_tensors_of(model))
     assert all(torch.equal(after[n], t) for n, t in before.items())
-    start, end = flats[torch.float32].data_ptr(), flats[torch.float32].data_ptr() + 4 * 54
-    assert all(start <= t.data_ptr() < end for t in after.values() if t.dtype == torch.float32)
+    flat32 = flats[torch.float32]
+    start, end = flat32.data_ptr(), flat32.data_ptr() + 4 * flat32.numel()
+    for t in after.values():
+        assert t.data_ptr() % ALIGN_BYTES == 0  # laid out like the plan (aligned)
+        if t.dtype == torch.float32:
+            assert start <= t.data_ptr() < end
 
     # An optimizer step lands in the flat buffer.
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -98,15 +102,16 @@ def test_flatten_parameters_keeps_values_and_identity_and_sends_without_packing(
     for bucket in plan.buckets:
         span = contiguous_span([named[t.name] for t in bucket.tensors], bucket)
         assert span is not None and span.data_ptr() == flats[span.dtype].data_ptr()
-        assert torch.equal(span, pack(named, bucket))
+        assert torch.equal(span, pack(named, bucket))  # the alignment gaps are zeros in both
 
 
 def test_contiguous_span_rejects_what_must_be_packed() -> None:
-    flat = torch.arange(12.0)
-    a, b = flat[:4].view(2, 2), flat[4:10]
+    step = ALIGN_BYTES // 4  # "b" starts on the next aligned boundary
+    flat = torch.arange(step + 8.0)
+    a, b = flat[:4].view(2, 2), flat[step : step + 6]
     bucket = plan_buckets([("a", torch.float32, (2, 2)), ("b", torch.float32, (6,))], 1 << 20)[0]
     assert contiguous_span([a, b], bucket) is not None
-    assert contiguous_span([a, flat[5:11]], bucket) is None  # a gap
-    assert contiguous_span([b[:4].view(2, 2), a.reshape(-1)[:0]], bucket) is None  # wrong shape
+    assert contiguous_span([a, flat[step + 1 : step + 7]], bucket) is None  # off the layout
+    assert contiguous_span([a, flat[4:10]], bucket) is None  # packed tight: not the layout
     assert contiguous_span([a, torch.arange(6.0)], bucket) is None  # another storage
-    assert contiguous_span([flat.view(3, 4).t()[:2, :2], b], bucket) is None  # not contiguous
+    assert contiguous_span([flat[:8].view(2, 4)[:, :2], b], bucket) is None  # not contiguous
