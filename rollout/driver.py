@@ -107,6 +107,7 @@ class RolloutDriver(PartialRolloutMixin):
     ):
         self._policy = make_policy(policy)
         self._weights = weights
+        self._version = weights.weight_version  # what every engine in rotation serves
         self._restart_timeout_s = restart_timeout_s
         self._rollouts: dict[str, _Rollout] = {}
         self._changed: asyncio.Condition | None = None
@@ -125,13 +126,33 @@ class RolloutDriver(PartialRolloutMixin):
         return self._changed
 
     # ------------------------------------------------------------------ weights registry
-    def weights_source(self) -> WeightsSource:
-        """The current weights; restarted engines load these."""
+    async def weights_source(self, restarting: int | None = None) -> WeightsSource:
+        """The last weights a restarted engine can load (a checkpoint directory).
+
+        ``restarting``: the index of the engine asking, from its constructor after Ray
+        restarted it -- possibly outside any rollout, so the driver learns of the restart here
+        and watches the engine come back (stale if on older weights than the current ones)."""
+        if restarting is not None and 0 <= restarting < len(self._state):
+            if self._state[restarting] == "up":
+                self._state[restarting] = "restarting"
+                asyncio.ensure_future(self._watch(restarting))
         return self._weights
 
     def set_weights_source(self, model_path: str, weight_version: str) -> None:
         """Record the current weights without pushing them (engines already have them)."""
         self._weights = WeightsSource(model_path, weight_version)
+        self._version = weight_version
+
+    async def note_refit(self, weight_version: str) -> None:
+        """Every engine now serves ``weight_version``, pushed from memory (tensor/distributed
+        refit: no directory to reload). An engine restarted before it comes back on older
+        weights and stays out of rotation ("stale") until the next refit reaches it; this call
+        says one did, so stale engines rejoin."""
+        self._version = str(weight_version)
+        cond = self._cond()
+        async with cond:
+            self._state = ["up" if s == "stale" else s for s in self._state]
+            cond.notify_all()
 
     async def update_weights_from_disk(
         self, model_path: str, weight_version: str | None = None
@@ -140,11 +161,13 @@ class RolloutDriver(PartialRolloutMixin):
         restarting meanwhile also comes up on it. Without a version, the path is the version."""
         version = weight_version if weight_version is not None else model_path
         self.set_weights_source(model_path, version)
-        live = [i for i, s in enumerate(self._state) if s == "up"]
+        live = [i for i, s in enumerate(self._state) if s in ("up", "stale")]
         calls = [
             self._engines[i].update_weights_from_disk.remote(model_path, version) for i in live
         ]
-        return list(await asyncio.gather(*calls))
+        results = list(await asyncio.gather(*calls))
+        await self.note_refit(version)  # stale engines were refitted too
+        return results
 
     # ------------------------------------------------------------------ status
     def progress(self, rollout_id: str | None = None) -> dict[str, Any] | None:
@@ -155,7 +178,8 @@ class RolloutDriver(PartialRolloutMixin):
         return rollout.snapshot() if rollout else None
 
     def engine_states(self) -> list[dict[str, Any]]:
-        """Per engine: state (up/restarting/dead) and outstanding estimated tokens and groups."""
+        """Per engine: state (up / restarting / stale: restarted on older weights, out of
+        rotation until a refit / dead) and outstanding estimated tokens and groups."""
         return [
             {"index": i, "state": s, "outstanding_tokens": t, "outstanding_groups": g}
             for i, (s, t, g) in enumerate(zip(self._state, self._tokens, self._groups))
@@ -280,11 +304,21 @@ class RolloutDriver(PartialRolloutMixin):
                     loads = [EngineLoad(i, self._tokens[i], self._groups[i]) for i in live]
                     return self._policy.choose(group, loads)
                 if "restarting" not in self._state:
-                    raise RuntimeError(
-                        f"no engine is alive: all {len(self._state)} engines died and could not "
-                        "be restarted (max_restarts exhausted or restart_timeout_s passed)"
-                    )
+                    raise RuntimeError(self._nothing_to_route_to())
                 await cond.wait()
+
+    def _nothing_to_route_to(self) -> str:
+        stale = [i for i, s in enumerate(self._state) if s == "stale"]
+        if stale:
+            return (
+                f"engines {stale} restarted on older weights than the current version "
+                f"{self._version!r} (pushed from memory, not reloadable) and no other engine is "
+                "up: refit them first (e.g. WeightSync.update_weights)"
+            )
+        return (
+            f"no engine is alive: all {len(self._state)} engines died and could not "
+            "be restarted (max_restarts exhausted or restart_timeout_s passed)"
+        )
 
     def _engine_down(self, index: int, exc: Exception) -> None:
         if self._state[index] != "up":
@@ -312,10 +346,11 @@ class RolloutDriver(PartialRolloutMixin):
             except (RayActorError, asyncio.TimeoutError):
                 break
             state = "up" if health.get("ok") else "dead"
+            if state == "up" and health.get("weight_version") != self._version:
+                state = "stale"  # came back on the last checkpoint; the service moved on
             break
-        print(
-            f"rollout driver: engine {index} is {'back' if state == 'up' else 'dead'}", flush=True
-        )
+        words = {"up": "back", "dead": "dead", "stale": "back on stale weights (out of rotation)"}
+        print(f"rollout driver: engine {index} is {words[state]}", flush=True)
         cond = self._cond()
         async with cond:
             self._state[index] = state

@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import pickle
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,8 @@ class EngineActor:
         self._kwargs = dict(engine_kwargs)
         self._index = index
         self._reconstructed = _reconstructed()
+        # New on every (re)start: a restarted actor left every weight-update group it was in.
+        self._incarnation = uuid.uuid4().hex
         source = WeightsSource(model_path, str(self._kwargs.pop("weight_version", "default")))
         if registry is not None and self._reconstructed:
             try:
@@ -82,7 +85,7 @@ class EngineActor:
                 driver = ray.get_actor(registry[0], namespace=registry[1])
                 # A future, not ray.get: Ray warns about any blocking get in an async actor
                 # (nothing else runs before __init__ returns, so blocking here is fine).
-                source = driver.weights_source.remote().future().result(timeout=60)
+                source = driver.weights_source.remote(index).future().result(timeout=60)
             except (ValueError, TimeoutError, ray.exceptions.RayActorError):
                 # No driver (service going down): serve the configured weights rather than die.
                 log.warning("engine %d: driver unreachable; starting on %s", index, source)
@@ -194,6 +197,7 @@ class EngineActor:
         return {
             "ok": self.engine.loop.alive,
             "weight_version": self.engine.weight_version,
+            "incarnation": self._incarnation,
             **self._whereabouts(),
         }
 

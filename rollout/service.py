@@ -226,6 +226,16 @@ class RolloutService:
         """Load new weights on every engine; restarted engines come up on them too."""
         return ray.get(self.driver.update_weights_from_disk.remote(model_path, weight_version))
 
+    def weight_sync(self, **kwargs: Any) -> Any:
+        """A ``WeightSyncActor`` over this service's engines, wired to its driver (so engines
+        that Ray restarts on older weights stay out of rotation until the next refit). Keyword
+        arguments go to ``rollout.weight_sync_actor.WeightSync``; the caller owns the actor
+        (``ray.get(sync.close.remote())``, then ``ray.kill`` it)."""
+        from rollout.weight_sync_actor import WeightSyncActor
+
+        options = {"num_cpus": 0}
+        return WeightSyncActor.options(**options).remote(self.engines, driver=self.driver, **kwargs)
+
     def health(self) -> list[dict[str, Any] | None]:
         return ray.get(self.driver.health.remote())
 

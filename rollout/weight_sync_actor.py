@@ -77,7 +77,11 @@ def _first_line(exc: BaseException) -> str:
 class WeightSync:
     """Owner of the sender side of the group (``close`` tears it down on every member).
 
-    ``engines``: ``EngineActor`` handles. ``master_address``: the address engines reach this
+    ``engines``: ``EngineActor`` handles. ``driver``: the service's ``RolloutDriver`` (optional;
+    told about every refit, so that an engine Ray restarted on older weights, which it keeps
+    out of rotation, rejoins once refitted). An engine that restarted since the group formed
+    is noticed (``health()["incarnation"]``) and the group is re-formed before the next refit.
+    ``master_address``: the address engines reach this
     process at (default: this node's IP). ``timeout_s`` bounds the rendezvous and every
     transfer; it must exceed the engines' slowest staging. ``dtype`` (e.g. ``"float32"``)
     casts floating-point tensors before sending.
@@ -87,6 +91,7 @@ class WeightSync:
         self,
         engines: list[Any],
         *,
+        driver: Any = None,
         backend: str = "gloo",
         master_address: str | None = None,
         bucket_bytes: int | None = None,
@@ -96,6 +101,7 @@ class WeightSync:
         if not engines:
             raise ValueError("WeightSync needs at least one engine")
         self.engines = list(engines)
+        self.driver = driver
         self.backend = backend
         self.master_address = master_address or ray.util.get_node_ip_address()
         self.bucket_bytes = bucket_bytes
@@ -104,12 +110,18 @@ class WeightSync:
         self.group_name: str | None = None
         self._group: WeightGroup | None = None
         self._sender: WeightSender | None = None
+        self._incarnations: list[str] = []  # of the engines when the group formed
 
     # ---------------------------------------------------------------- group
     def init_group(self) -> dict[str, Any]:
         """Form the group with every engine rank (idempotent while it is up)."""
         if self._group is not None:
-            return self.group_info()
+            if self._incarnations == self._engine_incarnations():
+                return self.group_info()
+            # An engine restarted (Ray max_restarts) and left the group: form a new one.
+            log.warning("an engine restarted since the weight-update group formed; re-forming")
+            self.destroy_group()
+        self._incarnations = self._engine_incarnations()
         infos = ray.get([e.get_server_info.remote() for e in self.engines])
         tp_sizes = [int(info["config"]["tp_size"]) for info in infos]
         offsets = [1 + sum(tp_sizes[:i]) for i in range(len(tp_sizes))]
@@ -136,6 +148,10 @@ class WeightSync:
         self._sender = WeightSender(group, bucket_bytes=self.bucket_bytes)
         self._tp_sizes, self._offsets, self._world = tp_sizes, offsets, world
         return self.group_info()
+
+    def _engine_incarnations(self) -> list[str]:
+        healths = ray.get([e.health.remote() for e in self.engines], timeout=self.timeout_s)
+        return [str(h.get("incarnation")) for h in healths]
 
     def group_info(self) -> dict[str, Any]:
         return {
@@ -178,6 +194,8 @@ class WeightSync:
             ok = [i for i in range(len(self.engines)) if i not in failed]
             shown = {i: _first_line(e) for i, e in failed.items()}
             raise RefitError(f"commit failed on engines {shown}; committed: {ok}", ok)
+        if self.driver is not None:  # engines restarted meanwhile may rejoin the rotation
+            ray.get(self.driver.note_refit.remote(version), timeout=self.timeout_s)
         return {
             "weight_version": version,
             "num_tensors": plan.num_tensors,
