@@ -3,6 +3,7 @@ storage (no copy), parameters never keep an earlier buffer pinned, and partial u
 
 from __future__ import annotations
 
+import pytest
 import torch
 from refit_workers import GROUP, SenderProcess, Step, tensors_for
 from torch import nn
@@ -108,8 +109,9 @@ def run(engine: Engine) -> list:
     return [o["output_ids"] for o in outs]
 
 
-def test_engine_adopts_received_buffers_and_alternates(model_dir, tmp_path):
-    paths = [model_dir("qwen2"), model_dir("qwen2", seed=1)]  # qkv biases interleave q/k/v
+@pytest.mark.parametrize("kind", ["qwen2", "llama3"])  # q/k/v biases; tied embeddings
+def test_engine_adopts_received_buffers_and_alternates(model_dir, tmp_path, kind):
+    paths = [model_dir(kind), model_dir(kind, seed=1)]
     expected = []
     for path in paths:
         with Engine(path, device="cpu") as fresh:
