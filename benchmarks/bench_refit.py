@@ -39,6 +39,7 @@ from engine_core import Engine  # noqa: E402
 from engine_core.default_model import ensure_default_model  # noqa: E402
 from weight_sync import (  # noqa: E402
     ColocatedBuckets,
+    SegmentPool,
     create_group,
     free_port,
 )
@@ -188,9 +189,17 @@ def main() -> None:
                 engine.update_weights_from_tensor(buckets.handles, load_format="flattened_bucket")
 
         local.append(("colocated refit, shared-memory buckets (incl. packing)", shm))
+        pool = SegmentPool()
+
+        def shm_pooled() -> None:
+            with ColocatedBuckets(pairs_, "rlr-bench", 512 << 20, pool=pool) as buckets:
+                engine.update_weights_from_tensor(buckets.handles, load_format="flattened_bucket")
+
+        local.append(("colocated refit, shared-memory buckets reused (`SegmentPool`)", shm_pooled))
         for name, fn in local:
             t = med(timed(fn, rounds))
             rows.append((name, t, raw, raw / t))
+        pool.close()
 
     lines = [
         f"Default model: {len(named)} tensors, {nbytes / 1e6:.0f} MB fp32; engine tp_size=1 on "

@@ -16,18 +16,26 @@ engine's dtype (``get_server_info()["config"]``; fp32 on CPU): refits never cast
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from weight_sync import DEFAULT_BUCKET_BYTES, BucketHandle, ColocatedBuckets, UpdatePlan
+from weight_sync import (
+    DEFAULT_BUCKET_BYTES,
+    BucketHandle,
+    ColocatedBuckets,
+    SegmentPool,
+    UpdatePlan,
+)
 
 log = logging.getLogger(__name__)
 
 FLATTENED_BUCKET = "flattened_bucket"  # load_format of colocated bucket handles
 DEFAULT_GROUP = "weight_update_group"
+_SEGMENTS_LOCK = threading.Lock()
 
 
 def _plan_of(names: Any) -> UpdatePlan | None:
@@ -73,6 +81,8 @@ class WeightSyncAPI:
     config: Any
     _held_update: dict[str, Any] | None = None  # engine-level view of the held update
     _joined_groups = False  # whether any rank may hold a group to close at shutdown
+    # (prefix, pool, lock) of the shared segments TP tensor refits pack into
+    _tp_segments: tuple[str, SegmentPool, threading.Lock] | None = None
 
     # ---------------------------------------------------------------- colocated
     def update_weights_from_tensor(
@@ -98,8 +108,12 @@ class WeightSyncAPI:
         pairs = _pairs_of(named_tensors)
         if self.config.tp_size == 1:
             return self._stage_commit(weight_version, flush_cache, "stage_pairs", pairs)
-        prefix = f"rlr-refit-{uuid.uuid4().hex[:12]}"
-        with ColocatedBuckets(pairs, prefix, DEFAULT_BUCKET_BYTES) as buckets:
+        with _SEGMENTS_LOCK:  # one pool per engine, kept: creating 500 MB of shm is slow
+            if self._tp_segments is None:
+                prefix = f"rlr-refit-{uuid.uuid4().hex[:12]}"
+                self._tp_segments = (prefix, SegmentPool(), threading.Lock())
+        prefix, pool, lock = self._tp_segments
+        with lock, ColocatedBuckets(pairs, prefix, DEFAULT_BUCKET_BYTES, pool=pool) as buckets:
             return self._stage_commit(
                 weight_version, flush_cache, "stage_colocated", buckets.handles
             )
@@ -253,7 +267,11 @@ class WeightSyncAPI:
         return {"success": True, "num_tensors": count, "weight_version": self.weights.version}
 
     def close_weight_sync(self) -> None:
-        """Leave every weight-update group (engine shutdown, after the loop stopped)."""
+        """Leave every weight-update group and unlink the TP refit segments (engine shutdown,
+        after the loop stopped)."""
+        if self._tp_segments is not None:
+            self._tp_segments[1].close()
+            self._tp_segments = None
         if not self._joined_groups:
             return
         self._joined_groups = False

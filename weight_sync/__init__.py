@@ -12,6 +12,7 @@ from weight_sync.bucket import DEFAULT_BUCKET_BYTES, metas_of, pack, plan_bucket
 from weight_sync.colocated import (
     BucketHandle,
     ColocatedBuckets,
+    SegmentPool,
     iter_colocated,
     load_colocated,
     open_bucket,
@@ -60,5 +61,6 @@ __all__ = [
     "push_distributed",
     "receive",
     "remove_segments",
+    "SegmentPool",
     "unpack",
 ]

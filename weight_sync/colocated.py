@@ -15,6 +15,9 @@ Ownership protocol::
         engine_rpc(buckets.handles)   # engine: load_colocated(handles, load_fn); returns = ack
     # leaving the block unlinks the segments / frees the CUDA buffers
 
+A trainer that refits every step keeps a :class:`SegmentPool` and passes ``pool=`` so every
+update packs into the same segments (the pool unlinks them at its ``close``).
+
 The engine must copy the data out (``load_fn`` copies into its parameters) before it
 acknowledges; the trainer must not close before every engine acknowledged.
 """
@@ -54,6 +57,39 @@ class BucketHandle:
     cuda_ipc: tuple[Any, tuple[Any, ...]] | None = None  # (rebuild_fn, args) from reduce_tensor
 
 
+class SegmentPool:
+    """Owner of shared segments kept across updates (``/dev/shm`` files named by the caller).
+
+    Creating a 500 MB segment costs more than filling it (tmpfs allocates and zeroes every page,
+    the writer faults every page in, unlinking frees them all again): a trainer that refits
+    every step passes one pool to each :class:`ColocatedBuckets`, which then packs into the
+    same segments every time. :meth:`close` unlinks them (idempotent; also at garbage
+    collection). Not thread-safe; one update at a time.
+    """
+
+    def __init__(self) -> None:
+        self._segments: dict[str, SharedSegment] = {}
+        self._finalizer = weakref.finalize(self, _release, self._segments, [])
+
+    def get(self, name: str, nbytes: int) -> SharedSegment:
+        """The segment ``name`` of exactly ``nbytes`` bytes, reused when it already exists."""
+        segment = self._segments.get(name)
+        if segment is not None and segment.nbytes != nbytes:
+            segment.close()
+            segment = None
+        if segment is None:
+            segment = SharedSegment(name, nbytes)
+            self._segments[name] = segment
+        return segment
+
+    @property
+    def segment_names(self) -> list[str]:
+        return sorted(self._segments)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
 class ColocatedBuckets:
     """Owner of the shared buckets of one update; :meth:`close` releases them (idempotent).
 
@@ -70,8 +106,10 @@ class ColocatedBuckets:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         weight_version: int | str = 0,
         device: torch.device | None = None,
+        pool: SegmentPool | None = None,
     ) -> None:
         check_name(prefix)
+        self._pool = pool  # CPU: take segments from it and leave them there at close
         named = as_dict(named_tensors)
         buckets = plan_buckets(metas_of(named.items()), bucket_bytes)
         self.plan = UpdatePlan(buckets=tuple(buckets), weight_version=weight_version)
@@ -97,17 +135,22 @@ class ColocatedBuckets:
             # The consumer reads on its own stream: the pack kernels must be finished first.
             torch.cuda.synchronize(self.device)
             return BucketHandle(bucket, version, cuda_ipc=reduce_tensor(flat))
-        segment = SharedSegment(f"{self.prefix}-{i}", bucket.nbytes)
-        self._segments.append(segment)
+        name = f"{self.prefix}-{i}"
+        if self._pool is not None:
+            segment = self._pool.get(name, bucket.nbytes)
+        else:
+            segment = SharedSegment(name, bucket.nbytes)
+            self._segments.append(segment)
         pack(named, bucket, out=typed_view(segment.tensor(), bucket))
         return BucketHandle(bucket, version, shm_name=segment.name)
 
     @property
     def segment_names(self) -> list[str]:
-        return [s.name for s in self._segments]
+        return [h.shm_name for h in self.handles if h.shm_name is not None]
 
     def close(self) -> None:
-        """Unlink every segment / drop every CUDA buffer. Call after all engines acknowledged."""
+        """Unlink every segment (pooled ones stay with their pool) / drop every CUDA buffer.
+        Call after all engines acknowledged."""
         self._finalizer()
 
     def __enter__(self) -> ColocatedBuckets:
@@ -117,8 +160,9 @@ class ColocatedBuckets:
         self.close()
 
 
-def _release(segments: list[SharedSegment], cuda_buffers: list[torch.Tensor]) -> None:
-    for segment in segments:
+def _release(segments, cuda_buffers: list[torch.Tensor]) -> None:
+    """Close ``segments`` (a list, or a pool's dict) and drop ``cuda_buffers``."""
+    for segment in list(segments.values() if isinstance(segments, dict) else segments):
         segment.close()
     segments.clear()
     cuda_buffers.clear()

@@ -43,7 +43,7 @@ from typing import TypeVar
 import torch
 
 from weight_sync.bucket import ALIGN_BYTES, DEFAULT_BUCKET_BYTES, align_elements
-from weight_sync.colocated import BucketHandle, ColocatedBuckets
+from weight_sync.colocated import BucketHandle, ColocatedBuckets, SegmentPool
 from weight_sync.sender import NamedTensors, WeightSender
 from weight_sync.spec import UpdatePlan
 
@@ -169,8 +169,10 @@ def push_colocated(
     apply_fn: Callable[[list[BucketHandle]], T],
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     weight_version: int | str = 0,
+    pool: SegmentPool | None = None,
 ) -> T:
     """Share ``named`` as buckets, call ``apply_fn(handles)`` (blocking until every engine has
-    loaded = ack), then release the buckets, also if ``apply_fn`` raises."""
-    with ColocatedBuckets(named, prefix, bucket_bytes, weight_version) as buckets:
+    loaded = ack), then release the buckets, also if ``apply_fn`` raises. With ``pool`` (keep
+    one for the whole run, same ``prefix`` each time) the segments are reused, not recreated."""
+    with ColocatedBuckets(named, prefix, bucket_bytes, weight_version, pool=pool) as buckets:
         return apply_fn(buckets.handles)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ from ws_workers import Collector, big_named, make_named, mismatches, run_world
 
 from weight_sync import (
     ColocatedBuckets,
+    SegmentPool,
     iter_colocated,
     list_segments,
     load_colocated,
@@ -110,3 +112,21 @@ def test_iter_colocated_views_survive_across_buckets_and_close() -> None:
         got = dict(iter_colocated(buckets.handles))  # keeps every view past its bucket
     assert list_segments(prefix) == []
     assert mismatches(got, named) == []
+
+
+def test_pool_reuses_segments_across_updates_and_unlinks_at_close() -> None:
+    prefix = f"rlr-test-{uuid.uuid4().hex[:12]}"
+    pool = SegmentPool()
+    inodes = []
+    for seed in (1, 2, 3):
+        named = make_named(seed=seed)
+        with ColocatedBuckets(named, prefix, bucket_bytes=1 << 10, pool=pool) as buckets:
+            got = dict(iter_colocated(buckets.handles))
+            assert mismatches(got, named) == []
+            inodes.append(sorted(os.stat(f"/dev/shm/{n}").st_ino for n in buckets.segment_names))
+            del got
+        assert list_segments(prefix) == pool.segment_names != []  # kept for the next update
+    assert inodes[0] == inodes[1] == inodes[2]  # the same files, not recreated
+    pool.close()
+    pool.close()  # idempotent
+    assert list_segments(prefix) == []
