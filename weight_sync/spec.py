@@ -12,6 +12,7 @@ a bucket are ordered by offset and never overlap.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import zlib
@@ -35,7 +36,14 @@ def dtype_from_str(name: str) -> torch.dtype:
     Only canonical names are accepted (``"float32"``, not the alias ``"float"``) so that string
     comparisons between plans and tensors are exact.
     """
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(name, str):
+        raise ValueError(f"unknown dtype string {name!r}")
+    return _dtype_from_str(name)
+
+
+@functools.lru_cache(maxsize=64)  # every TensorMeta of a plan checks its dtype: keep it cheap
+def _dtype_from_str(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype string {name!r}")
     if dtype_to_str(dtype) != name:
