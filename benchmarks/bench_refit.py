@@ -16,7 +16,8 @@ round has a raw round taken right before it; the ratio is the median of those pa
 which cancels most of the noise of a shared 2-core VM. Timings are taken on the receiving side
 from the "go" sent to the sender to the end of the call, so packing is included. The first
 ``WARMUP`` rounds are dropped (first-touch page faults of fresh buffers; the engine's staging
-arena fills its two buffers in the first two refits).
+arena fills its two buffers in the first two refits), and one whole configuration is run and
+discarded first (the first one measured in a fresh process ran ~10% slower, raw included).
 
     python benchmarks/bench_refit.py [--iters 7] [--bucket-mb 64 512]
 """
@@ -159,6 +160,9 @@ def main() -> None:
     gb = nbytes / 1e9
     rows, raws = [], []
     with Engine(path, device="cpu", max_total_tokens=1024, skip_tokenizer_init=True) as engine:
+        # Discarded: the first configuration measured in a fresh process ran ~10% slower on
+        # both sides of the pairing (raw too), whichever it was.
+        time_paired(engine, path, "flat", 64 << 20, WARMUP + 2)
         for mode, what in (("flat", "flat parameter buffers"), ("packed", "separate tensors")):
             for mb in args.bucket_mb:
                 pairs = time_paired(engine, path, mode, mb << 20, rounds)
