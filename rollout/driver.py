@@ -21,76 +21,12 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from rollout.batch import Rollout, per_item_args
 from rollout.engine_actor import WeightsSource
 from rollout.partial_driver import PartialRolloutMixin
 from rollout.policies import EngineLoad, GroupInfo, make_policy
 
 _KEEP_PROGRESS = 32  # finished rollouts whose progress stays queryable
-
-
-def _per_item(value: Any, batch: int, name: str, nested: bool) -> list[Any]:
-    """Broadcast a scalar to the batch, or take a list of one value per item."""
-    is_list = isinstance(value, (list, tuple)) and (
-        not nested or value and isinstance(value[0], (list, tuple, dict))
-    )
-    if is_list:
-        if len(value) != batch:
-            raise ValueError(f"invalid {name}: has {len(value)} items for a batch of {batch}")
-        return list(value)
-    return [value] * batch
-
-
-def _per_item_args(
-    batch: int,
-    sampling_params: Any,
-    return_logprob: Any,
-    logprob_start_len: Any,
-    top_logprobs_num: Any,
-) -> tuple[list, list[list]]:
-    """Per-item sampling params and the three logprob flags, broadcast or length-checked."""
-    params = _per_item(sampling_params, batch, "sampling_params", nested=False)
-    flags = [
-        _per_item(value, batch, name, nested=False)
-        for value, name in (
-            (return_logprob, "return_logprob"),
-            (logprob_start_len, "logprob_start_len"),
-            (top_logprobs_num, "top_logprobs_num"),
-        )
-    ]
-    return params, flags
-
-
-class _Rollout:
-    """Book-keeping of one ``generate`` call (progress and in-flight requests)."""
-
-    def __init__(self, rollout_id: str, groups: int, samples: int) -> None:
-        self.id = rollout_id
-        self.total_groups = groups
-        self.total_samples = samples
-        self.finished_groups = 0
-        self.finished_samples = 0
-        self.completion_tokens = 0
-        self.resent_groups = 0
-        self.started = time.monotonic()
-        self.ended: float | None = None
-        self.error: str | None = None
-        self.inflight: dict[int, tuple[int, str, int]] = {}  # group -> (engine, rid, n)
-
-    def snapshot(self) -> dict[str, Any]:
-        elapsed = (self.ended or time.monotonic()) - self.started
-        return {
-            "rollout_id": self.id,
-            "finished_samples": self.finished_samples,
-            "total_samples": self.total_samples,
-            "finished_groups": self.finished_groups,
-            "total_groups": self.total_groups,
-            "completion_tokens": self.completion_tokens,
-            "resent_groups": self.resent_groups,
-            "elapsed_s": elapsed,
-            "tokens_per_s": self.completion_tokens / elapsed if elapsed > 0 else 0.0,
-            "done": self.ended is not None,
-            "error": self.error,
-        }
 
 
 @ray.remote
@@ -109,7 +45,7 @@ class RolloutDriver(PartialRolloutMixin):
         self._weights = weights
         self._version = weights.weight_version  # what every engine in rotation serves
         self._restart_timeout_s = restart_timeout_s
-        self._rollouts: dict[str, _Rollout] = {}
+        self._rollouts: dict[str, Rollout] = {}
         self._changed: asyncio.Condition | None = None
         self.set_engines(engines)
 
@@ -203,12 +139,12 @@ class RolloutDriver(PartialRolloutMixin):
             raise ValueError("invalid request: pass exactly one of prompt, input_ids")
         items, is_batch = self._items(prompt, input_ids)
         batch = len(items)
-        params, flags = _per_item_args(
+        params, flags = per_item_args(
             batch, sampling_params, return_logprob, logprob_start_len, top_logprobs_num
         )
         rollout_id = rollout_id or uuid.uuid4().hex[:12]
         groups = [self._group(i, items[i], params[i], prompt is not None) for i in range(batch)]
-        rollout = _Rollout(rollout_id, batch, sum(g.n for g in groups))
+        rollout = Rollout(rollout_id, batch, sum(g.n for g in groups))
         self._remember(rollout)
         calls = [
             {
@@ -260,12 +196,12 @@ class RolloutDriver(PartialRolloutMixin):
             est_tokens=est,
         )
 
-    def _remember(self, rollout: _Rollout) -> None:
+    def _remember(self, rollout: Rollout) -> None:
         self._rollouts[rollout.id] = rollout
         while len(self._rollouts) > _KEEP_PROGRESS:
             self._rollouts.pop(next(iter(self._rollouts)))
 
-    async def _run(self, group: GroupInfo, call: dict[str, Any], rollout: _Rollout) -> list:
+    async def _run(self, group: GroupInfo, call: dict[str, Any], rollout: Rollout) -> list:
         """Serve one group, re-sending it to a live engine each time its engine dies."""
         attempt = 0
         while True:
@@ -356,7 +292,7 @@ class RolloutDriver(PartialRolloutMixin):
             self._state[index] = state
             cond.notify_all()
 
-    def _abort(self, rollout: _Rollout) -> None:
+    def _abort(self, rollout: Rollout) -> None:
         """Best-effort abort of a failed rollout's requests still running on engines."""
         for index, rid, n in list(rollout.inflight.values()):
             sample_ids = [rid] if n == 1 else [f"{rid}-{i}" for i in range(n)]

@@ -18,6 +18,7 @@ import time
 import uuid
 from typing import Any
 
+from rollout.batch import Rollout, per_item_args
 from rollout.partial import continuation, make_sample, merge, sample_requests, summarize
 
 _REABORT_S = 0.1  # how often a stopping rollout re-sends aborts to calls still out
@@ -43,11 +44,10 @@ class PartialRolloutMixin:
         finished. Returns ``{"rollout_id", "groups": [{"index", "done", "request", "samples"}],
         "finished_groups", "partial_groups"}``, groups in input order; each sample is an engine
         output plus ``group``, ``sample``, ``request`` (``rollout.partial``)."""
-        from rollout.driver import _per_item_args
 
         items, _ = self._items(None, input_ids)
         batch = len(items)
-        params, flags = _per_item_args(
+        params, flags = per_item_args(
             batch, sampling_params, return_logprob, logprob_start_len, top_logprobs_num
         )
         requests = [
@@ -109,7 +109,6 @@ class PartialRolloutMixin:
     ) -> list[list[dict]]:
         """Run ``(group, request)`` units (one engine call each, through ``_run``, so dead
         engines are handled as in ``generate``); stop as asked. Outputs per unit, in order."""
-        from rollout.driver import _Rollout
 
         if min_groups is not None and (not isinstance(min_groups, int) or min_groups < 1):
             raise ValueError(f"invalid min_groups={min_groups!r}: must be a positive int")
@@ -117,7 +116,7 @@ class PartialRolloutMixin:
             self._group(k, req["input_ids"], req["sampling_params"], False)
             for k, (_, req) in enumerate(units)
         ]
-        rollout = _Rollout(rollout_id, len(units), sum(i.n for i in infos))
+        rollout = Rollout(rollout_id, len(units), sum(i.n for i in infos))
         self._remember(rollout)
         calls = [
             {
