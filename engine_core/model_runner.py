@@ -20,6 +20,7 @@ from engine_core.memory import RunnerMemory
 from engine_core.model_config import ModelConfig
 from engine_core.models.llama import Backend, LlamaFamilyForCausalLM
 from engine_core.parallel import TPContext
+from engine_core.sampler import sample_step
 from engine_core.step_plan import StepPlan, StepResult
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -116,7 +117,7 @@ class ModelRunner(RunnerMemory):
             return StepResult([], None, [])
         rows = torch.tensor(plan.logit_rows, dtype=torch.long, device=self.device)
         logits = self.model.logits(hidden.index_select(0, rows))
-        return self._sample(logits, plan) if sample else None
+        return sample_step(logits, plan) if sample else None
 
     def _prepare(self, plan: StepPlan):
         ids: list[int] = []
@@ -213,55 +214,6 @@ class ModelRunner(RunnerMemory):
         meta.page_table = torch.tensor(table, **i32)
         meta.cu_q_lens = torch.tensor(cu, **i32)
         meta.seq_lens = torch.tensor(lens, **i32)
-
-    def _sample(self, logits: torch.Tensor, plan: StepPlan) -> StepResult:
-        tokens = self._sample_tokens(logits, plan)
-        if not plan.want_logprobs:
-            return StepResult(tokens, None, [])
-        targets = list(plan.target_ids)
-        for spec, token in zip(plan.samples, tokens):
-            targets[spec.logit_row] = token
-        dev = self.device
-        temps = torch.tensor(plan.logprob_temps, dtype=torch.float32, device=dev).unsqueeze(1)
-        logprobs = torch.log_softmax(logits / temps, dim=-1)
-        target_t = torch.tensor(targets, dtype=torch.long, device=dev).unsqueeze(1)
-        chosen = logprobs.gather(1, target_t).squeeze(1).tolist()
-        return StepResult(tokens, chosen, self._top_logprobs(logprobs, plan.top_logprobs))
-
-    def _sample_tokens(self, logits: torch.Tensor, plan: StepPlan) -> list[int]:
-        if not plan.samples:
-            return []
-        rows = torch.tensor(
-            [s.logit_row for s in plan.samples], dtype=torch.long, device=self.device
-        )
-        sample_logits = logits.index_select(0, rows)
-        if all(s.temperature == 0.0 for s in plan.samples):
-            return sample_logits.argmax(dim=-1).tolist()
-        import kernels
-
-        def col(name, dtype):
-            return torch.tensor(
-                [getattr(s, name) for s in plan.samples], dtype=dtype, device=self.device
-            )
-
-        return kernels.sample_tokens(
-            sample_logits,
-            col("temperature", torch.float32),
-            col("top_k", torch.long),
-            col("top_p", torch.float32),
-            col("min_p", torch.float32),
-            col("seed", torch.long),
-            col("position", torch.long),
-        ).tolist()
-
-    @staticmethod
-    def _top_logprobs(logprobs: torch.Tensor, nums: list[int]) -> list[list[tuple[float, int]]]:
-        k = max(nums, default=0)
-        if k <= 0:
-            return [[] for _ in nums]
-        values, indices = logprobs.topk(k, dim=-1)
-        values, indices = values.tolist(), indices.tolist()
-        return [list(zip(values[i][:n], indices[i][:n])) for i, n in enumerate(nums)]
 
     # ---- weights (the same ingest path as checkpoint load), two-phase for TP atomicity ----
     def stage_weights(
