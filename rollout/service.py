@@ -60,6 +60,7 @@ class RolloutService:
         self.bundle_indices: list[int] = []
         self.engines: list[Any] = []
         self.driver: Any = None
+        self._syncs: list[Any] = []  # WeightSyncActors made by weight_sync(), closed at shutdown
         self.name = ""
         self._owns_pg = False
         self._owns_ray = False
@@ -229,12 +230,14 @@ class RolloutService:
     def weight_sync(self, **kwargs: Any) -> Any:
         """A ``WeightSyncActor`` over this service's engines, wired to its driver (so engines
         that Ray restarts on older weights stay out of rotation until the next refit). Keyword
-        arguments go to ``rollout.weight_sync_actor.WeightSync``; the caller owns the actor
-        (``ray.get(sync.close.remote())``, then ``ray.kill`` it)."""
+        arguments go to ``rollout.weight_sync_actor.WeightSync``. The service owns the actor:
+        ``shutdown`` closes its group and kills it."""
         from rollout.weight_sync_actor import WeightSyncActor
 
         options = {"num_cpus": 0}
-        return WeightSyncActor.options(**options).remote(self.engines, driver=self.driver, **kwargs)
+        sync = WeightSyncActor.options(**options).remote(self.engines, driver=self.driver, **kwargs)
+        self._syncs.append(sync)
+        return sync
 
     def health(self) -> list[dict[str, Any] | None]:
         return ray.get(self.driver.health.remote())
@@ -249,11 +252,15 @@ class RolloutService:
         if self._closed:
             return
         self._closed = True
+        if self._syncs and ray.is_initialized():
+            # Leave the weight groups first (the engines are still up to answer).
+            refs = [sync.close.remote() for sync in self._syncs]
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         if self.engines and ray.is_initialized():
             # Graceful first, so engines release TP workers; then kill (no restart).
             refs = [engine.shutdown.remote() for engine in self.engines]
             ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        for actor in [*self.engines, self.driver]:
+        for actor in [*self._syncs, *self.engines, self.driver]:
             if actor is not None and ray.is_initialized():
                 ray.kill(actor, no_restart=True)
         if self._owns_pg and self.placement_group is not None and ray.is_initialized():

@@ -57,28 +57,26 @@ def test_restarted_engine_is_stale_until_the_next_refit(ray_local, tiny_model, t
     }
     with deploy(config) as service:
         sync = service.weight_sync(master_address="127.0.0.1", timeout_s=60)
-        try:
-            ray.get(sync.update_weights.remote(tiny_model_v2, "v2"))
-            health = _restart(service, 0)
-            assert health["weight_version"] == "default"  # the last checkpoint it can load
-            _wait_states(service, ["stale", "up"])
-            outs = service.generate(input_ids=PROMPTS, sampling_params=GREEDY)
-            assert {o["meta_info"]["engine_index"] for o in outs} == {1}
-            assert {o["meta_info"]["weight_version"] for o in outs} == {"v2"}
-            assert [o["output_ids"] for o in outs] == want
+        ray.get(sync.update_weights.remote(tiny_model_v2, "v2"))
+        health = _restart(service, 0)
+        assert health["weight_version"] == "default"  # the last checkpoint it can load
+        _wait_states(service, ["stale", "up"])
+        outs = service.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+        assert {o["meta_info"]["engine_index"] for o in outs} == {1}
+        assert {o["meta_info"]["weight_version"] for o in outs} == {"v2"}
+        assert [o["output_ids"] for o in outs] == want
 
-            _restart(service, 1)
-            _wait_states(service, ["stale", "stale"])
-            with pytest.raises(RuntimeError, match="older weights"):
-                service.generate(input_ids=PROMPTS[:2], sampling_params=GREEDY)
+        _restart(service, 1)
+        _wait_states(service, ["stale", "stale"])
+        with pytest.raises(RuntimeError, match="older weights"):
+            service.generate(input_ids=PROMPTS[:2], sampling_params=GREEDY)
 
-            # Both engines left the old group by restarting: the refit re-forms it.
-            ray.get(sync.update_weights.remote(tiny_model_v2, "v3"))
-            _wait_states(service, ["up", "up"])
-            outs = service.generate(input_ids=PROMPTS, sampling_params=GREEDY)
-            assert {o["meta_info"]["engine_index"] for o in outs} == {0, 1}
-            assert {o["meta_info"]["weight_version"] for o in outs} == {"v3"}
-            assert [o["output_ids"] for o in outs] == want
-        finally:
-            ray.get(sync.close.remote())
-            ray.kill(sync)
+        # Both engines left the old group by restarting: the refit re-forms it.
+        ray.get(sync.update_weights.remote(tiny_model_v2, "v3"))
+        _wait_states(service, ["up", "up"])
+        outs = service.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+        assert {o["meta_info"]["engine_index"] for o in outs} == {0, 1}
+        assert {o["meta_info"]["weight_version"] for o in outs} == {"v3"}
+        assert [o["output_ids"] for o in outs] == want
+    with pytest.raises(ray.exceptions.RayActorError):  # the service owned and killed it
+        ray.get(sync.group_info.remote(), timeout=30)
