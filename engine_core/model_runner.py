@@ -4,6 +4,7 @@ runs the forward and samples. With layers/ and models/, the only place that make
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -22,6 +23,8 @@ from engine_core.models.llama import Backend, LlamaFamilyForCausalLM
 from engine_core.parallel import TPContext
 from engine_core.sampler import sample_step
 from engine_core.step_plan import StepPlan, StepResult
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -245,10 +248,15 @@ class ModelRunner(RunnerMemory):
         assert staged is not None, "commit_weights without stage_weights"
         count = staged.commit()
         if "refit" in self.__dict__:
-            if self.config.keep_refit_staging:
-                self.refit.reserve_spares(self.weight_storages())
-            else:
-                self.refit.release_staging(self.weight_storages())  # the buffers nothing uses
+            # The weights are switched: what follows must not fail the refit (e.g. no memory
+            # for the spare buffer on a GPU whose KV cache took the rest).
+            try:
+                if self.config.keep_refit_staging:
+                    self.refit.reserve_spares(self.weight_storages())
+                else:
+                    self.refit.release_staging(self.weight_storages())  # buffers nothing uses
+            except Exception:
+                log.warning("could not prepare the refit staging spare; continuing", exc_info=True)
         return count
 
     def discard_weights(self) -> None:

@@ -266,12 +266,19 @@ class WeightSyncAPI:
         self.weights.checkpoint = None  # no longer re-readable from a checkpoint directory
         return {"success": True, "num_tensors": count, "weight_version": self.weights.version}
 
+    def release_refit_segments(self) -> None:
+        """Unlink the shared segments TP tensor refits pack into (weights released, shutdown);
+        the next such refit creates them again."""
+        with _SEGMENTS_LOCK:
+            segments, self._tp_segments = self._tp_segments, None
+        if segments is not None:
+            with segments[2]:  # not while a refit packs into them
+                segments[1].close()
+
     def close_weight_sync(self) -> None:
         """Leave every weight-update group and unlink the TP refit segments (engine shutdown,
         after the loop stopped)."""
-        if self._tp_segments is not None:
-            self._tp_segments[1].close()
-            self._tp_segments = None
+        self.release_refit_segments()
         if not self._joined_groups:
             return
         self._joined_groups = False

@@ -92,7 +92,8 @@ class RankRefit:
             timeout_s=timeout_s,
             device=device,
         )
-        # Receive on the group's device (CPU for gloo); staging views are copied at commit.
+        # Receive on the group's device (CPU for gloo); a complete update is adopted at commit
+        # (engine_core.adopt), anything else copied.
         self.members[group_name] = _Member(group, StagingArena(group.device))
         return rank
 
@@ -167,7 +168,9 @@ class RankRefit:
         )
 
     def reserve_spares(self, in_use: set[int]) -> None:
-        """After a commit: every arena keeps a touched buffer the weights do not use."""
+        """After a commit: every arena keeps a touched buffer neither the weights nor a held
+        update use."""
+        in_use = in_use | {t.untyped_storage().data_ptr() for _, t in self.held or []}
         for member in self.members.values():
             member.arena.reserve_spare(in_use)
 

@@ -62,14 +62,29 @@ class SegmentPool:
 
     Creating a 500 MB segment costs more than filling it (tmpfs allocates and zeroes every page,
     the writer faults every page in, unlinking frees them all again): a trainer that refits
-    every step passes one pool to each :class:`ColocatedBuckets`, which then packs into the
-    same segments every time. :meth:`close` unlinks them (idempotent; also at garbage
-    collection). Not thread-safe; one update at a time.
+    every step passes one pool to each :class:`ColocatedBuckets` of one stream of updates (the
+    same ``prefix`` every time), which then packs into the same segments. Segments the latest
+    update did not use are unlinked; an update that fails (no acknowledgement: an engine may
+    still be reading) unlinks its segments instead of keeping them, so the next update never
+    overwrites pages a late reader maps. :meth:`close` unlinks everything (idempotent; also at
+    garbage collection). Not thread-safe; one update at a time.
     """
 
     def __init__(self) -> None:
         self._segments: dict[str, SharedSegment] = {}
         self._finalizer = weakref.finalize(self, _release, self._segments, [])
+
+    def evict(self, names: Iterable[str]) -> None:
+        """Unlink these segments (mappings that still read them keep their pages)."""
+        for name in list(names):
+            segment = self._segments.pop(name, None)
+            if segment is not None:
+                segment.close()
+
+    def keep_only(self, names: Iterable[str]) -> None:
+        """Unlink every segment not in ``names`` (segments of an older, larger layout)."""
+        wanted = set(names)
+        self.evict([n for n in self._segments if n not in wanted])
 
     def get(self, name: str, nbytes: int) -> SharedSegment:
         """The segment ``name`` of exactly ``nbytes`` bytes, reused when it already exists."""
@@ -156,7 +171,15 @@ class ColocatedBuckets:
     def __enter__(self) -> ColocatedBuckets:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self._pool is not None:
+            names = self.segment_names
+            # Success: the engines acknowledged, the pool keeps exactly this layout. Failure:
+            # an engine may still be reading; never refill those pages, unlink them.
+            if exc_type is None:
+                self._pool.keep_only(names)
+            else:
+                self._pool.evict(names)
         self.close()
 
 
@@ -194,7 +217,9 @@ def iter_colocated(handles: Iterable[BucketHandle]) -> Iterator[tuple[str, torch
     """All ``(name, view)`` pairs of the shared buckets, mapped lazily in order (no copy).
 
     Each view keeps its own bucket's mapping alive, so unlike the distributed receiver the
-    views stay valid across buckets (and even after the trainer unlinks the segments).
+    views stay valid across buckets (and even after the trainer unlinks the segments). With a
+    trainer's :class:`SegmentPool` their *contents* change at the next update: copy them out
+    before acknowledging.
     """
     for handle in handles:
         yield from open_bucket(handle)

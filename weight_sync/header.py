@@ -90,16 +90,17 @@ def check_header(
     header.op.wait()
     index, n = header.index, len(plan.buckets)
     fields = dict(zip(_FIELDS, header.got.cpu().tolist()))
-    if fields["magic"] == MAGIC and fields["status"] == STATUS_ABORT:
-        return True
-    expected = dict(zip(_FIELDS, _encode(plan, fingerprint, index, STATUS_OK).tolist()))
-    if fields != expected:
-        diff = {k: (fields[k], expected[k]) for k in _FIELDS if fields[k] != expected[k]}
-        raise WeightSyncError(
-            f"weight-sync group {group.name!r}: stream does not match the plan at bucket "
-            f"{index}/{n} (got, expected): {diff}; destroy and recreate the group"
-        )
-    return False
+    aborted = fields["status"] == STATUS_ABORT
+    # An abort header must match the plan too: its dummy bucket has the size this plan says.
+    status = STATUS_ABORT if aborted else STATUS_OK
+    expected = dict(zip(_FIELDS, _encode(plan, fingerprint, index, status).tolist()))
+    if fields == expected:
+        return aborted
+    diff = {k: (fields[k], expected[k]) for k in _FIELDS if fields[k] != expected[k]}
+    raise WeightSyncError(
+        f"weight-sync group {group.name!r}: stream does not match the plan at bucket "
+        f"{index}/{n} (got, expected): {diff}; destroy and recreate the group"
+    )
 
 
 def aborted_error(group: WeightGroup, plan: UpdatePlan, index: int) -> WeightSyncError:

@@ -107,7 +107,7 @@ class WeightSender:
         named = as_dict(named_tensors)
         buckets = plan_buckets(metas_of(named.items()), self.bucket_bytes)
         if merge_spans:
-            buckets = _merge_spans(buckets, named)
+            buckets = _merge_spans(buckets, named, self.group.device)
         return UpdatePlan(buckets=tuple(buckets), weight_version=weight_version)
 
     def send(self, named_tensors: NamedTensors, plan: UpdatePlan) -> TransferStats:
@@ -220,12 +220,17 @@ def _wait_all(ops: list[PendingOp]) -> None:
         op.wait()
 
 
-def _merge_spans(buckets: list[BucketMeta], named: dict[str, torch.Tensor]) -> list[BucketMeta]:
-    """Fuse runs of neighbouring same-dtype buckets that form one contiguous span in memory."""
+def _merge_spans(
+    buckets: list[BucketMeta], named: dict[str, torch.Tensor], device: torch.device
+) -> list[BucketMeta]:
+    """Fuse runs of neighbouring same-dtype buckets that form one contiguous span in memory on
+    ``device`` (a span elsewhere must be packed, i.e. copied, so it keeps its bucket size)."""
     merged: list[BucketMeta] = []
     last_span: torch.Tensor | None = None
     for bucket in buckets:
         span = contiguous_span([named[t.name] for t in bucket.tensors], bucket)
+        if span is not None and span.device != device:
+            span = None
         if merged and last_span is not None and span is not None and _follows(last_span, span):
             last = merged[-1]
             start = align_elements(last.numel, last.dtype)

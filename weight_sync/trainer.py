@@ -16,6 +16,7 @@ Distributed path (trainer is rank 0 of a standalone group, engines are ranks 1..
     futures = push_distributed(sender, named_tensors_of(model), send_plan, weight_version=step)
     ray.get(futures)
 
+    # (a WeightReceiver engine side wants push_distributed(..., merge_spans=False))
     # engine side: receiver = WeightReceiver(group) once, then per update (receive_weights):
     #   plan = UpdatePlan.from_json(plan_json)
     #   receiver.receive(plan, load_fn)            # load_fn copies each bucket's tensors, or
@@ -32,7 +33,9 @@ Colocated path (trainer and engine on the same host/GPU)::
     #   engine.apply(weight_sync.iter_colocated(handles))   # views stay valid until dropped
 
 ``apply_fn`` must return only after every engine has copied the weights (that is the
-acknowledgement); the shared buckets are released when it returns or raises.
+acknowledgement); the shared buckets are released when it returns or raises. Refitting every
+step, keep one ``SegmentPool`` and a fixed ``prefix`` (``push_colocated(..., pool=pool)``): the
+segments are then reused instead of recreated (see ``weight_sync.colocated.SegmentPool``).
 """
 
 from __future__ import annotations
@@ -149,15 +152,18 @@ def push_distributed(
     named: NamedTensors,
     send_plan_fn: Callable[[UpdatePlan], T],
     weight_version: int | str = 0,
+    merge_spans: bool = True,
 ) -> T:
     """Plan, ship the plan with ONE call of ``send_plan_fn``, then stream the buckets.
 
     ``send_plan_fn(plan)`` must start the engines' :func:`~weight_sync.receiver.receive` and
     return without waiting for it (e.g. return Ray object refs); waiting there deadlocks until
     the timeout. Its return value is returned so the caller can wait for the engines' ack.
+    ``merge_spans`` (see ``WeightSender.plan``): pass False when the engines stream bucket by
+    bucket through a ``WeightReceiver`` (merged spans would need receive slots that large).
     """
     named = list(named.items()) if isinstance(named, Mapping) else list(named)
-    plan = sender.plan(named, weight_version)
+    plan = sender.plan(named, weight_version, merge_spans=merge_spans)
     pending = send_plan_fn(plan)
     sender.send(named, plan)
     return pending

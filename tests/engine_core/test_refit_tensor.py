@@ -51,6 +51,11 @@ def test_tensor_refit_equals_fresh_engine(model_dir, tp_size):
         # No version given: the refit count is appended.
         engine.update_weights_from_tensor(named)
         assert engine.weight_version == "v2+1" and run(engine) == expected
+        # With TP the pairs went through the engine's pool of shared segments, kept for the
+        # next refit; releasing the weights unlinks them too.
+        assert bool(list_segments("rlr-refit")) == (tp_size > 1)
+        engine.release_memory_occupation(["weights"])
+        assert list_segments("rlr-refit") == []
     assert list_segments("rlr-") == []
 
 

@@ -130,3 +130,20 @@ def test_pool_reuses_segments_across_updates_and_unlinks_at_close() -> None:
     pool.close()
     pool.close()  # idempotent
     assert list_segments(prefix) == []
+
+
+def test_pool_drops_segments_of_a_failed_update_and_of_old_layouts() -> None:
+    prefix = f"rlr-test-{uuid.uuid4().hex[:12]}"
+    pool = SegmentPool()
+    named = make_named(seed=1)
+    with ColocatedBuckets(named, prefix, bucket_bytes=1 << 10, pool=pool) as buckets:
+        many = buckets.segment_names
+    with pytest.raises(RuntimeError, match="no ack"):
+        with ColocatedBuckets(named, prefix, bucket_bytes=1 << 10, pool=pool) as buckets:
+            raise RuntimeError("no ack")  # an engine may still read: never refill these pages
+    assert list_segments(prefix) == [] and pool.segment_names == []
+    with ColocatedBuckets(named, prefix, bucket_bytes=1 << 30, pool=pool) as buckets:
+        assert len(buckets.segment_names) < len(many)
+    assert list_segments(prefix) == sorted(buckets.segment_names)  # the larger layout is gone
+    pool.close()
+    assert list_segments(prefix) == []
