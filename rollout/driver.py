@@ -5,8 +5,9 @@ one engine per group, so the samples of a prompt share that engine's prefix cach
 one asyncio task and one engine call: when the call fails with ``RayActorError`` (the engine
 died), the task marks the engine down and re-sends the group to a live engine, so every group's
 result is recorded exactly once. A watcher waits for Ray to restart the engine (``max_restarts``)
-and puts it back in rotation; on restart the engine itself asks this driver for the current
-weights (``weights_source``), so it rejoins on the current version.
+and puts it back in rotation; on restart the engine itself asks this driver for the last
+checkpoint (``weights_source``), so it rejoins on the current version -- or, if the current
+weights were pushed from memory since (``note_refit``), stays out as "stale" until a refit.
 
 This module imports no torch: the driver is a light, CPU-free actor.
 """
@@ -80,15 +81,29 @@ class RolloutDriver(PartialRolloutMixin):
         self._version = weight_version
 
     async def note_refit(self, weight_version: str) -> None:
-        """Every engine now serves ``weight_version``, pushed from memory (tensor/distributed
-        refit: no directory to reload). An engine restarted before it comes back on older
-        weights and stays out of rotation ("stale") until the next refit reaches it; this call
-        says one did, so stale engines rejoin."""
+        """The service's weights are now ``weight_version`` (pushed from memory, e.g. by a
+        ``WeightSync`` refit: no directory to reload). Engines in rotation or stale are asked
+        their version: those on it are (back) in rotation, the others -- e.g. restarted since,
+        on older weights, or outside the refit -- stay out ("stale") until a refit reaches
+        them. Engines still restarting are judged by their watcher against this version."""
         self._version = str(weight_version)
+        candidates = [i for i, s in enumerate(self._state) if s in ("up", "stale")]
+        versions = await asyncio.gather(*(self._version_of(i) for i in candidates))
         cond = self._cond()
         async with cond:
-            self._state = ["up" if s == "stale" else s for s in self._state]
+            for index, version in zip(candidates, versions):
+                if version is not None and self._state[index] in ("up", "stale"):
+                    self._state[index] = "up" if version == self._version else "stale"
             cond.notify_all()
+
+    async def _version_of(self, index: int) -> str | None:
+        """Engine ``index``'s weight version, or None if it does not answer (a failed call
+        in a rollout, or its restart, will say what happened to it)."""
+        try:
+            health = await asyncio.wait_for(self._engines[index].health.remote(), 60)
+        except Exception:
+            return None
+        return health.get("weight_version")
 
     async def update_weights_from_disk(
         self, model_path: str, weight_version: str | None = None
@@ -282,15 +297,16 @@ class RolloutDriver(PartialRolloutMixin):
             except (RayActorError, asyncio.TimeoutError):
                 break
             state = "up" if health.get("ok") else "dead"
-            if state == "up" and health.get("weight_version") != self._version:
-                state = "stale"  # came back on the last checkpoint; the service moved on
             break
-        words = {"up": "back", "dead": "dead", "stale": "back on stale weights (out of rotation)"}
-        print(f"rollout driver: engine {index} is {words[state]}", flush=True)
         cond = self._cond()
         async with cond:
+            # Compared under the lock: note_refit may have moved the version meanwhile.
+            if state == "up" and health.get("weight_version") != self._version:
+                state = "stale"  # came back on the last checkpoint; the service moved on
             self._state[index] = state
             cond.notify_all()
+        words = {"up": "back", "dead": "dead", "stale": "back on stale weights (out of rotation)"}
+        print(f"rollout driver: engine {index} is {words[state]}", flush=True)
 
     def _abort(self, rollout: Rollout) -> None:
         """Best-effort abort of a failed rollout's requests still running on engines."""
