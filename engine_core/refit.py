@@ -179,7 +179,21 @@ class WeightSyncAPI:
             weight_version = str(plan.weight_version)
         if self._held_update is not None:
             raise RuntimeError("a staged update is held; commit or discard it first")
+        if self.config.tp_size == 1:
+            # The rank lives here: receive beside the loop thread, which keeps generating;
+            # only validation and the commit run between two steps.
+            rank = self.executor.runner.refit
+            with rank.receiving(group_name):
+                pairs = rank.receive(group_name, plan, metas)
+                stage: tuple = ("stage_received", group_name, pairs)
+                return self._finish_distributed(stage, weight_version, flush_cache, commit)
         stage = ("stage_distributed", group_name, plan, metas)
+        return self._finish_distributed(stage, weight_version, flush_cache, commit)
+
+    def _finish_distributed(
+        self, stage: tuple, weight_version: str | None, flush_cache: bool, commit: bool
+    ) -> dict:
+        """Stage on every rank, then commit (or hold: ``commit=False``), on the loop thread."""
         if commit:
             return self._stage_commit(weight_version, flush_cache, *stage)
 

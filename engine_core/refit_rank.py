@@ -14,6 +14,7 @@ between (sleep / wake), so the commit validates again against the live parameter
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,7 @@ class RankRefit:
         self.members: dict[str, _Member] = {}
         self.held: list[tuple[str, torch.Tensor]] | None = None
         self.held_group: str | None = None
+        self._locks: dict[str, threading.Lock] = {}
 
     # ---------------------------------------------------------------- groups
     def init_group(
@@ -131,6 +133,20 @@ class RankRefit:
         tensor) into the arena, then validate this rank's shards; nothing is written. With
         ``hold`` the validated update is kept for ``restage_held`` instead of the runner's
         ``commit_weights``."""
+        with self.receiving(group_name):
+            pairs = self.receive(group_name, plan, metas)
+            return self.stage_received(group_name, pairs, hold)
+
+    def receiving(self, group_name: str) -> threading.Lock:
+        """Held around receive-and-stage: one update at a time per group, whatever thread
+        receives (a tp_size 1 engine receives beside its loop thread)."""
+        return self._locks.setdefault(group_name, threading.Lock())
+
+    def receive(
+        self, group_name: str, plan: UpdatePlan | None, metas: Sequence | None = None
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Receive a whole update into a free arena buffer; touches no weight, so it may run
+        while the engine steps (it reads only which storages the parameters use)."""
         if self.held_group == group_name:
             raise RuntimeError(
                 f"an update received through {group_name!r} is still held; commit or discard it"
@@ -139,9 +155,8 @@ class RankRefit:
         in_use = self.runner.weight_storages()
         try:
             if plan is not None:
-                pairs = member.arena.receive(member.group, plan, in_use=in_use)
-            else:
-                pairs = member.arena.receive_tensors(member.group, metas or [], in_use=in_use)
+                return member.arena.receive(member.group, plan, in_use=in_use)
+            return member.arena.receive_tensors(member.group, metas or [], in_use=in_use)
         except BaseException as exc:
             # Only a sender's abort header leaves the stream in sync (it is the update's last
             # message); after anything else this rank and the sender disagree on what is next.
@@ -149,6 +164,11 @@ class RankRefit:
                 first = (str(exc).splitlines() or [""])[0][:300]
                 member.broken = f"{type(exc).__name__}: {first}"
             raise
+
+    def stage_received(
+        self, group_name: str, pairs: list[tuple[str, torch.Tensor]], hold: bool = False
+    ) -> int:
+        """Validate received pairs (loop thread); ``hold`` keeps them for ``restage_held``."""
         # The arena's buffer is ours: a complete update becomes the parameters' storage.
         count = self.stage_pairs(pairs, adopt=True)
         if hold:

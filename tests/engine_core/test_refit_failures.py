@@ -3,6 +3,7 @@ leaves the weights bitwise intact and the version unchanged, and the engine keep
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -135,6 +136,35 @@ def test_silent_sender_times_out(model_dir, tmp_path):
             with pytest.raises(WeightSyncTimeout, match="timed out"):
                 engine.update_weights_from_distributed(sender.plan(0), group_name=GROUP)
             assert time.monotonic() - started < 5.0
+            assert_unchanged(engine, snap, before)
+    finally:
+        sender.close()
+
+
+def test_engine_keeps_serving_while_a_refit_waits_for_its_sender(model_dir, tmp_path):
+    """tp_size 1: the update is received beside the loop thread, so a slow (here: silent)
+    sender does not stall generation; the refit still times out and changes nothing."""
+    old, new = model_dir("llama"), model_dir("llama", seed=1)
+    port = free_port()
+    sender = SenderProcess(tmp_path, port, 2, [Step(new, "v1", mode="silent", sleep_s=8.0)])
+    errors: list = []
+
+    def refit(engine: Engine) -> None:
+        try:
+            engine.update_weights_from_distributed(sender.plan(0), group_name=GROUP)
+        except Exception as exc:
+            errors.append(exc)
+
+    try:
+        with Engine(old, device="cpu") as engine:
+            before, snap = run(engine), snapshot(engine)
+            engine.init_weights_update_group("127.0.0.1", port, 1, 2, GROUP, timeout_s=5.0)
+            waiting = threading.Thread(target=refit, args=(engine,))
+            waiting.start()
+            time.sleep(0.5)  # the refit now waits inside the receive
+            assert run(engine) == before and waiting.is_alive()  # served meanwhile
+            waiting.join(30)
+            assert len(errors) == 1 and isinstance(errors[0], WeightSyncTimeout), errors
             assert_unchanged(engine, snap, before)
     finally:
         sender.close()
