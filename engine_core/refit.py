@@ -3,9 +3,11 @@
 ``Engine`` inherits :class:`WeightSyncAPI`. Every refit is atomic and versioned like
 ``update_weights_from_disk``: all TP ranks stage (receive / map, then validate names, shapes and
 dtypes through ``ModelRunner.stage_weights``, the one ingest path) before any rank writes; a
-failure anywhere leaves the old weights bitwise intact and the old ``weight_version``. The work
-runs on the engine loop between two steps, so requests in flight continue on the new weights
-from their next token, and each output token records the version that produced it.
+failure anywhere leaves the old weights bitwise intact and the old ``weight_version``. Staging
+and commit run on the engine loop between two steps (a tp_size 1 engine receives a distributed
+update beside the loop first, so it keeps generating meanwhile), so requests in flight continue
+on the new weights from their next token, and each output token records the version that
+produced it.
 
 Transports (``weight_sync``): colocated shared memory / CUDA IPC buckets
 (``update_weights_from_tensor``) and a standalone gloo/NCCL group in which TP rank ``r`` of this
