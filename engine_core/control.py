@@ -24,6 +24,8 @@ class EngineControl:
             engine.config, engine.executor, engine.scheduler, engine.weights
         )
         self.pause = PauseController(engine.scheduler, engine.loop.abort_now)
+        # On the loop thread, so never wait for a refit that is packing (it waits for the loop).
+        self.memory.on_weights_released = lambda: engine.release_refit_segments(blocking=False)
 
     @classmethod
     def attach(cls, engine: Any) -> EngineControl:

@@ -282,14 +282,21 @@ class WeightSyncAPI:
         self.weights.checkpoint = None  # no longer re-readable from a checkpoint directory
         return {"success": True, "num_tensors": count, "weight_version": self.weights.version}
 
-    def release_refit_segments(self) -> None:
+    def release_refit_segments(self, blocking: bool = True) -> None:
         """Unlink the shared segments TP tensor refits pack into (weights released, shutdown);
-        the next such refit creates them again."""
-        with _SEGMENTS_LOCK:
-            segments, self._tp_segments = self._tp_segments, None
-        if segments is not None:
-            with segments[2]:  # not while a refit packs into them
-                segments[1].close()
+        the next such refit creates them again. ``blocking=False``: skip it if a refit is
+        packing into them right now (the loop thread must not wait for it)."""
+        with _SEGMENTS_LOCK:  # held briefly only: the loop thread takes it too
+            segments = self._tp_segments
+        if segments is None or not segments[2].acquire(blocking=blocking):
+            return
+        try:
+            with _SEGMENTS_LOCK:
+                if self._tp_segments is segments:
+                    self._tp_segments = None
+            segments[1].close()
+        finally:
+            segments[2].release()
 
     def close_weight_sync(self) -> None:
         """Leave every weight-update group and unlink the TP refit segments (engine shutdown,

@@ -64,6 +64,8 @@ class MemoryController:
         self.released: frozenset[str] = frozenset()
         self.idle_released: frozenset[str] = frozenset()
         self.awaiting_refit: str | None = None  # version at an "empty" resume, until refilled
+        # Frees what the engine holds for refits beside the ranks (loop thread; must not block).
+        self.on_weights_released: Callable[[], None] = lambda: None
         self._checked_version: str | None = None
         self._kept_host_copy = False
         self.last_active = time.monotonic()
@@ -140,6 +142,7 @@ class MemoryController:
             self.released = self.released | {"weights"}
             freed["weights"] = self.executor.call("release_weights", self.host_copy)
             self._kept_host_copy = self.host_copy
+            self.on_weights_released()
         self.asleep = self.asleep and bool(self.idle_released)
         self.last_release_s = time.perf_counter() - started
         return {"released": sorted(self.released), "freed_bytes": freed}

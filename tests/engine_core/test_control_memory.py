@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from engine_core import Engine, EngineReleasedError, InvalidConfigError
 from engine_core.memory import process_tree_rss
+from weight_sync import list_segments
 
 GREEDY = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
 PROMPTS = [[5, 17, 33, 2], [9, 8, 7, 6, 5], [100, 3]]
@@ -186,3 +187,24 @@ def test_unknown_tag_and_source_are_rejected(old):
             engine.resume_memory_occupation(weights="disk")
         engine.resume_memory_occupation()
         assert engine.get_server_info()["memory"]["released"] == []
+
+
+def test_idle_sleep_also_unlinks_the_tp_refit_segments(old, new, expected):
+    """A TP tensor refit keeps its shared segments for the next refit; sleeping weights free
+    them too (and the next refit makes them again)."""
+    tensors = load_file(os.path.join(new, "model.safetensors"))
+    kwargs = dict(device="cpu", tp_size=2, sleep_on_idle_weights=True, sleep_on_idle_s=0.5)
+    with Engine(old, **kwargs) as engine:
+        engine.update_weights_from_tensor(list(tensors.items()), weight_version="v2")
+        assert list_segments("rlr-refit")
+        # Idle sleep releases weights only when they can be re-read: refit from disk last.
+        engine.update_weights_from_disk(new, weight_version="v2-disk")
+        deadline = time.monotonic() + 10
+        while not engine.get_server_info()["memory"]["asleep_on_idle"]:
+            assert time.monotonic() < deadline, "never fell asleep"
+            time.sleep(0.05)
+        assert engine.get_server_info()["memory"]["released"] == ["kv_cache", "weights"]
+        assert list_segments("rlr-refit") == []
+        engine.update_weights_from_tensor(list(tensors.items()), weight_version="v3")
+        assert run(engine) == expected["new"]
+    assert list_segments("rlr-refit") == []
