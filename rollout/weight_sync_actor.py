@@ -28,6 +28,7 @@ import ray
 import torch
 
 from weight_sync import (
+    DEFAULT_BUCKET_BYTES,
     WeightGroup,
     WeightSender,
     WeightSyncError,
@@ -94,7 +95,7 @@ class WeightSync:
         driver: Any = None,
         backend: str = "gloo",
         master_address: str | None = None,
-        bucket_bytes: int | None = None,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         timeout_s: float = 120.0,
         dtype: str | None = None,
     ) -> None:

@@ -21,14 +21,10 @@ DEFAULT_BUCKET_BYTES = 512 << 20
 # storage must see the alignment a fresh allocation has to stay bitwise equal to it.
 ALIGN_BYTES = 256
 # Over gloo the bucket is packed by the CPU that also drives the sockets: smaller buckets let
-# packing overlap the wire (measured on 2 cores: 64 MB beats 512 MB and 8-32 MB, see
-# BENCHMARKS.md); on a GPU packing is a device copy and fewer, larger buckets win.
+# packing overlap the wire (on 2 cores 64 MB was at least as fast as 512 MB in most runs, and
+# faster than 8-32 MB, see BENCHMARKS.md). A recommendation to pass as ``bucket_bytes``; the
+# default stays DEFAULT_BUCKET_BYTES, which suits GPUs (packing is a device copy there).
 CPU_BUCKET_BYTES = 64 << 20
-
-
-def default_bucket_bytes(device: torch.device) -> int:
-    """The streaming bucket size used when none is given, by the group's device."""
-    return CPU_BUCKET_BYTES if device.type == "cpu" else DEFAULT_BUCKET_BYTES
 
 
 NamedMeta = tuple[str, "torch.dtype | str", Sequence[int]]

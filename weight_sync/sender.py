@@ -28,11 +28,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from weight_sync.bucket import (
+    DEFAULT_BUCKET_BYTES,
     align_elements,
     as_bytes,
     check_tensor,
     contiguous_span,
-    default_bucket_bytes,
     metas_of,
     pack,
     plan_buckets,
@@ -75,17 +75,16 @@ class WeightSender:
     """Streams named tensors from ``src_rank`` of ``group`` to every other rank.
 
     Owns a double buffer of up to ``2 * bucket_bytes`` on ``group.device`` that is reused across
-    updates; :meth:`close` frees it. Does not own ``group``. ``bucket_bytes`` defaults by device
-    (``weight_sync.bucket.default_bucket_bytes``: 64 MB over gloo on CPU, 512 MB on GPU).
+    updates; :meth:`close` frees it. Does not own ``group``. ``bucket_bytes``: 512 MB by
+    default; over gloo on CPU ``weight_sync.bucket.CPU_BUCKET_BYTES`` (64 MB) lets packing
+    overlap the wire better.
     """
 
     def __init__(
-        self, group: WeightGroup, src_rank: int = 0, bucket_bytes: int | None = None
+        self, group: WeightGroup, src_rank: int = 0, bucket_bytes: int = DEFAULT_BUCKET_BYTES
     ) -> None:
         if group.rank != src_rank:
             raise ValueError(f"WeightSender on rank {group.rank}, but src_rank is {src_rank}")
-        if bucket_bytes is None:
-            bucket_bytes = default_bucket_bytes(group.device)
         if bucket_bytes <= 0:
             raise ValueError("bucket_bytes must be positive")
         self.group = group
