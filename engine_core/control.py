@@ -69,8 +69,6 @@ class ControlAPI:
         ``memory_reserved`` drops and weights are kept in pinned host memory when
         ``weights_host_copy`` (CUDA paths are untested here: only CPU ran)."""
         chosen = normalize_tags(tags)
-        if "weights" in chosen:
-            self.release_refit_segments()  # the shared memory TP tensor refits pack into
         return self.loop.call(lambda: self.control.memory.release(chosen))
 
     def resume_memory_occupation(
