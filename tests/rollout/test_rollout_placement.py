@@ -76,7 +76,10 @@ def test_busy_cluster_times_out_instead_of_hanging(ray_local, tiny_model):
     deadline = time.monotonic() + 120
     while ray.available_resources().get("CPU", 0.0) < total and time.monotonic() < deadline:
         time.sleep(0.5)
-    blocker = placement_group([{"CPU": total - 0.25}])
+    # Block all but 0.25 of what is free now (an actor still holding CPU after the wait must
+    # not make the blocker unplaceable).
+    free = ray.available_resources().get("CPU", 0.0)
+    blocker = placement_group([{"CPU": free - 0.25}])
     ray.get(blocker.ready(), timeout=60)
     try:
         _deploy_fails(
