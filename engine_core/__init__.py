@@ -1,7 +1,12 @@
-"""engine_core: one paged-KV, continuous-batching inference engine (never imports Ray)."""
+"""engine_core: one paged-KV, continuous-batching inference engine (never imports Ray).
+
+``Engine`` is imported on first use, so light users of the package (the Ray driver builds
+``engine_core.requests`` objects) do not import torch.
+"""
+
+from typing import Any
 
 from engine_core.config import EngineConfig
-from engine_core.engine import Engine
 from engine_core.errors import (
     EngineReleasedError,
     EngineStoppedError,
@@ -9,11 +14,13 @@ from engine_core.errors import (
     InvalidRequestError,
     ModelLoadError,
 )
-from engine_core.sampling_params import SamplingParams
+from engine_core.requests.generate_request import GenerateRequest
+from engine_core.requests.sampling_params import SamplingParams
 
 __all__ = [
     "Engine",
     "EngineConfig",
+    "GenerateRequest",
     "SamplingParams",
     "InvalidRequestError",
     "InvalidConfigError",
@@ -21,3 +28,11 @@ __all__ = [
     "EngineStoppedError",
     "EngineReleasedError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Engine":
+        from engine_core.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'engine_core' has no attribute {name!r}")

@@ -1,71 +1,83 @@
 """``Engine``: the SGLang-compatible offline API over one (tensor-parallel) engine.
 
-Requests are validated here (bad input raises ``InvalidRequestError`` before anything is queued),
-expanded into one ``Request`` per sample, and handed to the background ``EngineLoop``, which
-batches whatever is in flight. Logprobs are ``log_softmax(logits / T)`` over the full vocabulary,
-with ``T`` the request's temperature (1.0 when greedy) — what a trainer recomputes.
+The constructor builds the engine's parts in order; every verb delegates to the part that owns
+it. A request: ``GenerateRequest`` -> ``RequestFactory`` (validated, one ``Request`` per
+sample) -> the background ``EngineLoop`` (scheduler, ranks) -> a sink -> the output dict.
+Logprobs are ``log_softmax(logits / T)`` over the full vocabulary, with ``T`` the request's
+temperature (1.0 when greedy) -- what a trainer recomputes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from engine_core.config import EngineConfig
-from engine_core.control import ControlAPI, EngineControl
-from engine_core.engine_loop import EngineLoop
+from engine_core.control.engine_memory import MemoryController, normalize_tags
 from engine_core.errors import EngineStoppedError, InvalidRequestError
-from engine_core.executor import make_executor
+from engine_core.execution.rank_client import start_ranks
 from engine_core.model_config import load_model_config
-from engine_core.outputs import final_output, meta_info
-from engine_core.page_pool import PagePool
 from engine_core.parallel import check_tp_divisibility
-from engine_core.refit import WeightSyncAPI
-from engine_core.request import Request
-from engine_core.request_factory import RequestFactory
-from engine_core.scheduler import Scheduler
-from engine_core.sinks import BlockingSink, FutureSink, StreamSink, StreamState
-from engine_core.tokenizer import load_tokenizer, stable_prefix
-from engine_core.weights import WeightUpdater
+from engine_core.requests.factory import RequestFactory
+from engine_core.requests.generate_request import GenerateRequest, takes_generate_request
+from engine_core.requests.outputs import BlockingSink, FutureSink, OutputBuilder, StreamSink
+from engine_core.requests.request import Request
+from engine_core.scheduling.loop import EngineLoop
+from engine_core.scheduling.page_pool import PagePool
+from engine_core.scheduling.scheduler import Scheduler
+from engine_core.tokenizer import load_tokenizer
+from engine_core.weights.payloads import RefitSegments
+from engine_core.weights.refitter import DEFAULT_GROUP, Refitter, WeightVersions
 
 
-class Engine(WeightSyncAPI, ControlAPI):
-    """One inference engine: ``Engine(model_path, **EngineConfig fields)``.
-
-    Refits from a trainer (``update_weights_from_tensor``, ``init_weights_update_group``,
-    ``update_weights_from_distributed``, ``get_weights_checksum``, ...) come from
-    ``engine_core.refit.WeightSyncAPI``; RL control (release/resume memory, sleep-on-idle,
-    pause/continue) from ``engine_core.control.ControlAPI``.
-    """
+class Engine:
+    """One inference engine: ``Engine(model_path, **EngineConfig fields)``."""
 
     def __init__(self, model_path: str, **kwargs: Any) -> None:
-        self.config = EngineConfig.from_kwargs(model_path, **kwargs)
-        self.model_config = load_model_config(model_path)
+        self.config = config = EngineConfig.from_kwargs(model_path, **kwargs)
+        self.model_config = mc = load_model_config(model_path)
         self.context_length = self._context_length()
-        self.tokenizer = None if self.config.skip_tokenizer_init else load_tokenizer(model_path)
-        mc = self.model_config
-        check_tp_divisibility(
-            mc.num_heads, mc.num_kv_heads, mc.intermediate_size, self.config.tp_size
-        )
-        self.executor = make_executor(self.config, mc, self.context_length)
-        self.pool = PagePool(self.executor.call("info")["num_pages"], self.config.page_size)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(model_path)
+        check_tp_divisibility(mc.num_heads, mc.num_kv_heads, mc.intermediate_size, config.tp_size)
+        self.ranks = start_ranks(config, mc, self.context_length)
+        self.rank_info = self.ranks.info()
+        self.pool = PagePool(self.rank_info.num_pages, config.page_size)
         self.scheduler = Scheduler(
-            self.pool, self.config.max_running_requests, self.config.max_num_batched_tokens
+            self.pool, config.max_running_requests, config.max_num_batched_tokens
         )
         self.requests = RequestFactory(
-            self.tokenizer, mc.vocab_size, self.context_length, self.pool, self.config.seed
+            self.tokenizer, mc.vocab_size, self.context_length, self.pool, config.seed
+        )
+        self.versions = WeightVersions(config.weight_version, model_path)
+        self.outputs = OutputBuilder(self.tokenizer, self.requests.release, self._version)
+        self.segments = RefitSegments()
+        self.memory = MemoryController(
+            config,
+            self.ranks,
+            self.scheduler,
+            self.versions,
+            # On the loop thread: never wait for a refit that is packing (it waits for the loop).
+            on_weights_released=lambda: self.segments.release(blocking=False),
         )
         self.loop = EngineLoop(
             self.scheduler,
-            self.executor.execute,
-            self.model_config.eos_token_ids,
-            self._decode,
-            lambda: self.weights.version,
+            self.ranks.execute,
+            mc.eos_token_ids,
+            self.outputs.decode,
+            self._version,
+            self.memory,
         )
-        self.weights = WeightUpdater(self.loop, self.executor, mc, self.config.weight_version)
-        self.control = EngineControl.attach(self)
+        self.refitter = Refitter(
+            self.loop,
+            self.ranks,
+            mc,
+            self.versions,
+            self.segments,
+            self.memory.before_refit,
+            config.tp_size,
+        )
 
     def _context_length(self) -> int:
         mc = self.model_config
@@ -73,65 +85,23 @@ class Engine(WeightSyncAPI, ControlAPI):
         # Sliding-window models run full attention; capping the context keeps that exact.
         return min(limit, mc.sliding_window) if mc.sliding_window else limit
 
-    # ------------------------------------------------------------------ outputs
-    def _decode(self, req: Request) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(
-            req.output_ids, skip_special_tokens=req.params.skip_special_tokens
-        )
+    def _version(self) -> str:
+        return self.versions.current
 
-    def _finalize(self, req: Request, text: str) -> dict[str, Any]:
-        self.requests.release([req.rid])
-        return final_output(req, text, self.weight_version)
-
-    def _delta(self, req: Request, state: StreamState, final: bool, text: str | None):
-        if final:
-            self.requests.release([req.rid])
-            full = text or ""
-        else:
-            full = stable_prefix(self._decode(req))
-            hold = max((len(s) for s in req.params.stop), default=1) - 1
-            full = full[: len(full) - hold] if hold else full  # may yet become a stop string
-        new_ids = req.output_ids[state.sent_tokens :]
-        new_text = full[len(state.sent_text) :] if len(full) > len(state.sent_text) else ""
-        if not final and not new_ids:
-            return None
-        state.sent_tokens += len(new_ids)
-        state.sent_text += new_text
-        return {
-            "text": new_text,
-            "output_ids": new_ids,
-            "meta_info": meta_info(req, self.weight_version),
-        }
-
-    # ------------------------------------------------------------------ public API
-    def generate(
-        self,
-        prompt=None,
-        input_ids=None,
-        sampling_params=None,
-        return_logprob=False,
-        logprob_start_len=-1,
-        top_logprobs_num=0,
-        rid=None,
-        stream=False,
-    ):
+    # ------------------------------------------------------------------ generation
+    @takes_generate_request
+    def generate(self, *args: Any, **kwargs: Any):
         """Generate for one prompt (returns a dict) or a batch (a list, samples of a prompt
-        adjacent). ``stream=True`` (one prompt, n=1) returns an iterator of incremental chunks
-        whose ``text`` and ``output_ids`` concatenate to the full output."""
-        reqs, is_batch = self.requests.build(
-            prompt,
-            input_ids,
-            sampling_params,
-            return_logprob,
-            logprob_start_len,
-            top_logprobs_num,
-            rid,
-        )
-        if stream:
-            return self._stream(reqs, is_batch)
-        sinks = [BlockingSink(self._finalize) for _ in reqs]
+        adjacent); arguments: ``GenerateRequest``'s (SGLang's). ``stream=True`` (one prompt,
+        n=1) returns an iterator of incremental chunks whose ``text`` and ``output_ids``
+        concatenate to the full output."""
+        request = GenerateRequest.of(*args, **kwargs)
+        reqs, is_batch = self.requests.build(request)
+        if request.stream:
+            chunks: queue.SimpleQueue = queue.SimpleQueue()
+            self._submit_stream(reqs, is_batch, chunks.put)
+            return iter(chunks.get, None)
+        sinks = [BlockingSink(self.outputs.final) for _ in reqs]
         self._submit(reqs, sinks)
         for sink in sinks:
             while not sink.done.wait(timeout=1.0):
@@ -140,67 +110,35 @@ class Engine(WeightSyncAPI, ControlAPI):
         outputs = [sink.output for sink in sinks]
         return outputs if is_batch or len(outputs) > 1 else outputs[0]
 
-    def _stream(self, reqs: list[Request], is_batch: bool) -> Iterator[dict[str, Any]]:
-        self._check_streamable(reqs, is_batch)
-        chunks: queue.SimpleQueue = queue.SimpleQueue()
-        self._submit(reqs, [StreamSink(self._delta, chunks.put)])
-
-        def iterate() -> Iterator[dict[str, Any]]:
-            while (chunk := chunks.get()) is not None:
-                yield chunk
-
-        return iterate()
-
-    def _check_streamable(self, reqs: list[Request], is_batch: bool) -> None:
-        if is_batch or len(reqs) != 1:
-            self.requests.release(r.rid for r in reqs)
-            raise InvalidRequestError("stream", True, "streaming takes one prompt with n=1")
-
-    async def async_generate(
-        self,
-        prompt=None,
-        input_ids=None,
-        sampling_params=None,
-        return_logprob=False,
-        logprob_start_len=-1,
-        top_logprobs_num=0,
-        rid=None,
-        stream=False,
-    ):
+    @takes_generate_request
+    async def async_generate(self, *args: Any, **kwargs: Any):
         """asyncio form of ``generate``; concurrent calls share batches. With ``stream=True``
         returns an async iterator of chunks."""
-        reqs, is_batch = self.requests.build(
-            prompt,
-            input_ids,
-            sampling_params,
-            return_logprob,
-            logprob_start_len,
-            top_logprobs_num,
-            rid,
-        )
+        request = GenerateRequest.of(*args, **kwargs)
+        reqs, is_batch = self.requests.build(request)
         loop = asyncio.get_running_loop()
-        if stream:
-            return self._async_stream(reqs, is_batch, loop)
-        sinks = [FutureSink(self._finalize, loop) for _ in reqs]
+        if request.stream:
+            chunks: asyncio.Queue = asyncio.Queue()
+            self._submit_stream(
+                reqs, is_batch, lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)
+            )
+            return _drain(chunks)
+        sinks = [FutureSink(self.outputs.final, loop) for _ in reqs]
         self._submit(reqs, sinks)
         outputs = list(await asyncio.gather(*(s.future for s in sinks)))
         return outputs if is_batch or len(outputs) > 1 else outputs[0]
 
-    def _async_stream(self, reqs, is_batch, loop) -> AsyncIterator[dict[str, Any]]:
-        self._check_streamable(reqs, is_batch)
-        chunks: asyncio.Queue = asyncio.Queue()
-        push = lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)  # noqa: E731
-        self._submit(reqs, [StreamSink(self._delta, push)])
-
-        async def iterate() -> AsyncIterator[dict[str, Any]]:
-            while (chunk := await chunks.get()) is not None:
-                yield chunk
-
-        return iterate()
+    def _submit_stream(self, reqs: list[Request], is_batch: bool, push) -> None:
+        if is_batch or len(reqs) != 1:
+            self.requests.release(r.rid for r in reqs)
+            raise InvalidRequestError("stream", True, "streaming takes one prompt with n=1")
+        self._submit(reqs, [StreamSink(self.outputs.delta, push)])
 
     def _submit(self, reqs: list[Request], sinks: list) -> None:
         alive = self.loop.alive
-        error = self.control.submit_error() if alive else EngineStoppedError("engine is shut down")
+        error = self.memory.submit_error(self.loop.call) if alive else None
+        if not alive:
+            error = EngineStoppedError("engine is shut down")
         if error is not None:
             self.requests.release(r.rid for r in reqs)
             raise error
@@ -225,7 +163,9 @@ class Engine(WeightSyncAPI, ControlAPI):
             "num_free_pages": self.pool.num_free,
             "max_total_num_tokens": self.pool.capacity_tokens,
             "num_retractions": self.scheduler.stats.num_retractions,
-            **self.control.info(),
+            "deterministic_matmul": self.rank_info.deterministic_matmul,
+            "memory": self.memory.info(),
+            **self.loop.pause.info(),
             "generated_tokens": stats.generated_tokens,
             "steps": stats.steps,
             "decode_throughput": stats.generated_tokens / stats.busy_seconds
@@ -233,33 +173,154 @@ class Engine(WeightSyncAPI, ControlAPI):
             else 0.0,
         }
 
-    # ------------------------------------------------------------------ weights
     @property
     def weight_version(self) -> str:
-        return self.weights.version
-
-    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> dict:
-        """Reload weights from a safetensors checkpoint of the same architecture (never pickles).
-        Atomic: on any error the old weights and version stay. Returns ``{"success", ...}``."""
-        return self.weights.from_disk(model_path, weight_version)
-
-    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[float]:
-        """First ``truncate_size`` values of HF-named parameter ``name`` (this rank's shard)."""
-        return self.weights.get_weights_by_name(name, truncate_size)
+        return self.versions.current
 
     @property
     def runner(self):
-        """The in-process model runner (tp_size 1 only; TP ranks live in worker processes)."""
-        return self.executor.runner
+        """The in-process rank (tp_size 1 only; TP ranks live in worker processes)."""
+        return self.ranks.local
+
+    # ------------------------------------------------------------------ refits (Refitter)
+    # ``flush_cache`` is accepted everywhere for SGLang's callers; there is no prefix cache to
+    # flush yet, so it has no effect.
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> dict:
+        """Reload weights from a safetensors checkpoint of the same architecture (never pickles).
+        Atomic: on any error the old weights and version stay. Returns ``{"success", ...}``."""
+        return self.refitter.from_disk(model_path, weight_version)
+
+    def update_weights_from_tensor(
+        self,
+        named_tensors: Any,
+        load_format: str | None = None,
+        flush_cache: bool = True,
+        weight_version: str | None = None,
+    ) -> dict:
+        """Load tensors handed over in memory, without a pickled copy of their data.
+
+        ``named_tensors``: ``(name, tensor)`` pairs or a dict (HF names; any subset of the
+        parameters), or -- with ``load_format="flattened_bucket"`` -- the ``BucketHandle``s of a
+        trainer's ``weight_sync.ColocatedBuckets`` (shared memory on CPU, CUDA IPC on GPU), which
+        the trainer keeps open until this returns. With TP, pairs are packed once into shared
+        buckets every rank maps. Raises (``ModelLoadError`` for a bad name/shape/dtype) with
+        weights and version unchanged."""
+        return self.refitter.from_tensors(named_tensors, load_format, weight_version)
+
+    def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str = DEFAULT_GROUP,
+        backend: str = "gloo",
+        timeout_s: float = 300.0,
+    ) -> dict:
+        """Join a weight-update group (separate from the TP group): TP rank ``r`` becomes rank
+        ``rank_offset + r`` of ``world_size``. Blocks until every member joined (the trainer,
+        normally rank 0, calls ``weight_sync.create_group`` concurrently); ``timeout_s`` bounds
+        the rendezvous and every later transfer of this group."""
+        return self.refitter.init_group(
+            master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s
+        )
+
+    def update_weights_from_distributed(
+        self,
+        names: Any,
+        dtypes: Sequence[Any] | None = None,
+        shapes: Sequence[Sequence[int]] | None = None,
+        group_name: str = DEFAULT_GROUP,
+        flush_cache: bool = True,
+        weight_version: str | None = None,
+        commit: bool = True,
+    ) -> dict:
+        """Receive an update broadcast by the group's rank 0, stage it on every rank, commit.
+
+        ``names``: an ``UpdatePlan`` (or its JSON) -- the trainer's ``WeightSender`` streams the
+        plan's buckets, one RPC carries all metadata, and ``weight_version`` defaults to the
+        plan's -- or SGLang's ``names``/``dtypes``/``shapes`` lists, each tensor then being one
+        plain broadcast in that order. Everything is received into a staging arena before any
+        weight is touched. ``commit=False`` stages and holds the update (for a commit across
+        engines): finish with ``commit_staged_weights`` or ``discard_staged_weights``.
+        Raises ``WeightSyncError``/``WeightSyncTimeout`` (dead sender, timeout; then destroy and
+        re-init the group) or ``ModelLoadError`` (bad name/shape/dtype; the group stays usable)
+        with weights and version unchanged."""
+        return self.refitter.from_distributed(
+            names, dtypes, shapes, group_name, weight_version, commit
+        )
+
+    def commit_staged_weights(
+        self, weight_version: str | None = None, flush_cache: bool | None = None
+    ) -> dict:
+        """Commit the update held by ``update_weights_from_distributed(commit=False)`` on every
+        rank and switch the version (default: the one given when staging)."""
+        return self.refitter.commit_held(weight_version)
+
+    def discard_staged_weights(self) -> dict:
+        """Drop a held update (weights and version stay); a no-op when none is held."""
+        return self.refitter.discard_held()
+
+    def destroy_weights_update_group(self, group_name: str = DEFAULT_GROUP) -> dict:
+        """Leave the group on every rank (drops an update held from it); idempotent."""
+        return self.refitter.destroy_group(group_name)
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[float]:
+        """First ``truncate_size`` values of HF-named parameter ``name`` (this rank's shard)."""
+        return self.refitter.weight_values(name, truncate_size)
+
+    def get_weights_checksum(self, names: Sequence[str] | None = None) -> dict[str, str]:
+        """``{HF name: sha256 hex}`` of the weights (all of them when ``names`` is None).
+
+        Each digest covers the raw bytes of the *full* tensor in the engine's dtype -- with TP
+        the shards are gathered first -- so a trainer compares it with
+        ``weight_sync.checksum.tensor_checksum(t.to(engine_dtype))`` of what it sent. A tied LM
+        head is ``model.embed_tokens.weight`` (ask for ``lm_head.weight`` explicitly)."""
+        return self.refitter.checksums(names)
+
+    # ------------------------------------------------------------------ RL control
+    def release_memory_occupation(self, tags: Iterable[str] | str | None = None) -> dict:
+        """Free the engine's ``tags`` memory ("weights", "kv_cache"; None: both) on every TP
+        rank, between two steps (``control.engine_memory``). Running requests are retracted
+        first when the KV cache goes; until resumed, generating raises ``EngineReleasedError``
+        (or waits: ``generate_while_released="wait"``)."""
+        chosen = normalize_tags(tags)
+        return self.loop.call(lambda: self.memory.release(chosen))
+
+    def resume_memory_occupation(
+        self, tags: Iterable[str] | str | None = None, weights: str = "auto"
+    ) -> dict:
+        """Re-allocate ``tags`` (None: both). ``weights``: ``"auto"`` | ``"host"`` |
+        ``"checkpoint"`` | ``"empty"`` (see ``control.engine_memory``)."""
+        chosen = normalize_tags(tags)
+        return self.loop.call(lambda: self.memory.resume(chosen, weights))
+
+    def pause_generation(self, mode: str = "abort") -> dict:
+        """Stop generating: ``"abort"`` | ``"retract"`` | ``"in_place"`` (see
+        ``control.pause``). New requests queue; aborts, refits and memory verbs still work."""
+        return self.loop.call(lambda: self.loop.pause.pause(mode))
+
+    def continue_generation(self) -> dict:
+        """Resume generating after ``pause_generation`` (a no-op when not paused)."""
+        return self.loop.call(self.loop.pause.resume)
+
+    @property
+    def is_paused(self) -> bool:
+        return self.loop.pause.paused
 
     def shutdown(self) -> None:
         """Stop the loop (requests in flight finish with finish_reason abort), then the ranks."""
         self.loop.stop()
-        self.close_weight_sync()
-        self.executor.shutdown()
+        self.refitter.close()
+        self.ranks.shutdown()
 
     def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+async def _drain(chunks: asyncio.Queue) -> AsyncIterator[dict[str, Any]]:
+    while (chunk := await chunks.get()) is not None:
+        yield chunk

@@ -9,15 +9,6 @@ from typing import Any
 
 from engine_core.errors import ModelLoadError
 
-# Architecture -> (qkv bias default, q/k RMSNorm). Qwen2 always has qkv bias; others read
-# ``attention_bias``.
-ARCHITECTURES: dict[str, tuple[bool, bool]] = {
-    "LlamaForCausalLM": (False, False),
-    "MistralForCausalLM": (False, False),
-    "Qwen2ForCausalLM": (True, False),
-    "Qwen3ForCausalLM": (False, True),
-}
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -96,13 +87,15 @@ def load_model_config(model_path: str) -> ModelConfig:
             cfg = json.load(f)
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
+    from engine_core.models.registry import ARCHITECTURES
+
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
         raise ModelLoadError(
             f"{path}: unsupported architectures={archs!r}; supported: {sorted(ARCHITECTURES)}"
         )
-    default_bias, qk_norm = ARCHITECTURES[arch]
+    default_bias, qk_norm = ARCHITECTURES[arch].qkv_bias, ARCHITECTURES[arch].qk_norm
     num_heads = int(_require(cfg, "num_attention_heads", path))
     hidden = int(_require(cfg, "hidden_size", path))
     head_dim = cfg.get("head_dim") or hidden // num_heads

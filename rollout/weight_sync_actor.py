@@ -57,7 +57,7 @@ def named_from(source: Source, dtype: torch.dtype | None = None) -> list[tuple[s
     """``(HF name, tensor)`` pairs from a checkpoint directory, a state dict, a module or pairs;
     ``dtype`` casts floating-point tensors (the engines' dtype: refits never cast silently)."""
     if isinstance(source, str):
-        from engine_core.loader import iter_checkpoint  # the engines' own checkpoint reader
+        from engine_core.weights.loader import iter_checkpoint  # the engines' own checkpoint reader
 
         named = list(iter_checkpoint(source))
     elif isinstance(source, Mapping | torch.nn.Module):

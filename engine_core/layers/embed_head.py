@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine_core.layers.linear import LinearFn
+from engine_core.layers.sharded import WeightOwner
 from engine_core.parallel import TPContext
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(WeightOwner):
     """Each rank holds a contiguous slice of vocab rows; lookups outside it give zeros, and the
     all-reduce fills them in from the owning rank (exactly one rank contributes a non-zero row)."""
 
@@ -32,13 +33,13 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(out)
 
     def shard_target(self, leaf, full, shard_id=None):
-        end = min(self.start + self.rows, full.shape[0])
-        count = max(0, end - self.start)
-        # Padding rows beyond the real vocab stay zero.
-        return self.weight.narrow(0, 0, count), full.narrow(0, self.start, count)
+        return _vocab_rows(self.weight, self.start, self.rows, full)
+
+    def padding_rows(self) -> int | None:
+        return max(0, min(self.rows, self.vocab - self.start))
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(WeightOwner):
     """Logits for this rank's vocab slice, gathered across ranks and trimmed to the real vocab.
 
     When embeddings are tied it reuses the embedding's parameter and loads nothing itself.
@@ -64,7 +65,22 @@ class ParallelLMHead(nn.Module):
         logits = self.tp.all_gather_last_dim(self.fn(hidden, self.head_weight, None))
         return logits[..., : self.vocab]
 
+    def loaded_leaves(self) -> tuple[str, ...]:
+        return () if self.tied else ("weight",)  # tied: the embedding loads it
+
+    def shard_view(self, leaf, shard_id=None):
+        return self.head_weight
+
     def shard_target(self, leaf, full, shard_id=None):
-        end = min(self.start + self.rows, full.shape[0])
-        count = max(0, end - self.start)
-        return self.weight.narrow(0, 0, count), full.narrow(0, self.start, count)
+        if self.tied:
+            return self._embed[0].shard_target(leaf, full, shard_id)
+        return _vocab_rows(self.weight, self.start, self.rows, full)
+
+    def padding_rows(self) -> int | None:
+        return None if self.tied else max(0, min(self.rows, self.vocab - self.start))
+
+
+def _vocab_rows(weight: torch.Tensor, start: int, rows: int, full: torch.Tensor):
+    """This rank's vocab rows of ``full``; padding rows beyond the real vocab stay zero."""
+    count = max(0, min(start + rows, full.shape[0]) - start)
+    return weight.narrow(0, 0, count), full.narrow(0, start, count)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine_core.layers.sharded import WeightOwner
 from engine_core.parallel import TPContext, divide
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -22,7 +23,7 @@ def _empty_param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
-class ShardedLinear(nn.Module):
+class ShardedLinear(WeightOwner):
     """Base: ``y = x @ W.T + b`` on this rank's shard; subclasses define the cut."""
 
     def __init__(self, in_local: int, out_local: int, bias: bool, tp: TPContext, fn: LinearFn):
@@ -34,12 +35,6 @@ class ShardedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x, self.weight, self.bias)
-
-    def shard_target(
-        self, leaf: str, full: torch.Tensor, shard_id: object = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(destination view, source slice)`` for one HF tensor; shapes validated later."""
-        raise NotImplementedError
 
 
 def _rank_slice(full: torch.Tensor, dim: int, tp: TPContext, what: str) -> torch.Tensor:
@@ -66,11 +61,17 @@ class MergedColumnParallelLinear(ShardedLinear):
         self.local_outs = [divide(o, tp.size, "merged output features") for o in outs]
         super().__init__(in_f, sum(self.local_outs), bias, tp, fn)
 
-    def shard_target(self, leaf, full, shard_id=None):
+    def shard_ids(self) -> tuple[object, ...]:
+        return tuple(range(len(self.local_outs)))
+
+    def shard_view(self, leaf, shard_id=None):
+        if shard_id is None:
+            return getattr(self, leaf)
         index = int(shard_id)  # type: ignore[arg-type]
-        offset = sum(self.local_outs[:index])
-        dst = getattr(self, leaf).narrow(0, offset, self.local_outs[index])
-        return dst, _rank_slice(full, 0, self.tp, f"{leaf} rows")
+        return getattr(self, leaf).narrow(0, sum(self.local_outs[:index]), self.local_outs[index])
+
+    def shard_target(self, leaf, full, shard_id=None):
+        return self.shard_view(leaf, shard_id), _rank_slice(full, 0, self.tp, f"{leaf} rows")
 
 
 class QKVParallelLinear(ShardedLinear):
@@ -100,9 +101,18 @@ class QKVParallelLinear(ShardedLinear):
         self.sizes = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}
         super().__init__(hidden, q + 2 * kv, bias, tp, fn)
 
-    def shard_target(self, leaf, full, shard_id=None):
+    def shard_ids(self) -> tuple[object, ...]:
+        return ("q", "k", "v")
+
+    def shard_view(self, leaf, shard_id=None):
+        if shard_id is None:
+            return getattr(self, leaf)
         offset, size = self.sizes[str(shard_id)]
-        dst = getattr(self, leaf).narrow(0, offset, size)
+        return getattr(self, leaf).narrow(0, offset, size)
+
+    def shard_target(self, leaf, full, shard_id=None):
+        size = self.sizes[str(shard_id)][1]
+        dst = self.shard_view(leaf, shard_id)
         if shard_id == "q":
             return dst, full.narrow(0, self.tp.rank * size, size)
         kv_rank = self.tp.rank // self.kv_replicas

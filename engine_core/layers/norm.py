@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine_core.layers.sharded import WeightOwner
 
-class RMSNorm(nn.Module):
+
+class RMSNorm(WeightOwner):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps

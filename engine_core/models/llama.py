@@ -1,18 +1,20 @@
 """Llama-family decoder (Llama incl. llama3 RoPE, Mistral, Qwen2 qkv bias, Qwen3 q/k norm).
 
-Module paths mirror HF's so checkpoint names map 1:1, except the fused projections listed in
-``PACKED`` (HF's q/k/v and gate/up tensors load into one fused shard-aware layer each).
+Module paths mirror HF's so checkpoint names map 1:1, except the fused projections the class
+declares in ``packed_modules`` (HF's q/k/v and gate/up tensors load into one fused
+shard-aware layer each).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine_core.layers.attention import AttentionMetadata, PagedAttention
+from engine_core.layers.attention import PagedAttention
 from engine_core.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine_core.layers.linear import (
     LinearFn,
@@ -36,14 +38,16 @@ PACKED: dict[str, tuple[str, object]] = {
 
 
 @dataclass(frozen=True)
-class Backend:
-    """Ops the model calls that deterministic mode swaps for batch-invariant versions."""
+class ModelOps:
+    """Ops chosen once per engine: the matmul (deterministic mode swaps in a batch-invariant
+    one) and the attention backend (``layers.attention.choose_backend``)."""
 
+    attention: Any
     linear: LinearFn = F.linear
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPContext, rotary: RotaryEmbedding, be: Backend):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, rotary: RotaryEmbedding, be: ModelOps):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
             cfg.hidden_size,
@@ -62,9 +66,11 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.rotary = [rotary]  # shared tables; a list keeps them out of this module's state
-        self.attn = PagedAttention(self.heads, self.kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
+        self.attn = PagedAttention(
+            self.heads, self.kv_heads, cfg.head_dim, cfg.head_dim**-0.5, be.attention
+        )
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata):
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta):
         tokens = x.shape[0]
         q_len, kv_len = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_len, kv_len, kv_len], dim=-1)
@@ -78,7 +84,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPContext, be: Backend):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, be: ModelOps):
         super().__init__()
         inter = cfg.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
@@ -92,7 +98,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPContext, rotary: RotaryEmbedding, be: Backend):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, rotary: RotaryEmbedding, be: ModelOps):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, tp, rotary, be)
@@ -105,7 +111,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPContext, max_positions: int, be: Backend):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, max_positions: int, be: ModelOps):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
@@ -125,15 +131,15 @@ class LlamaModel(nn.Module):
 class LlamaFamilyForCausalLM(nn.Module):
     """``forward`` returns final hidden states; ``logits`` projects only the rows asked for."""
 
-    def __init__(
-        self, cfg: ModelConfig, tp: TPContext, max_positions: int, be: Backend = Backend()
-    ):
+    packed_modules = PACKED
+
+    def __init__(self, cfg: ModelConfig, tp: TPContext, max_positions: int, be: ModelOps):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg, tp, max_positions, be)
         self.lm_head = ParallelLMHead(self.model.embed_tokens, cfg.tie_word_embeddings, be.linear)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta):
         return self.model(ids, positions, meta)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

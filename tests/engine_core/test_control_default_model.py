@@ -20,7 +20,7 @@ PROBE = r"""
 import gc, json, sys, time
 from engine_core import Engine
 from engine_core.default_model import ensure_default_model
-from engine_core.memory import process_tree_rss
+from engine_core.control.rank_memory import process_tree_rss
 from engine_core.tokenizer import load_tokenizer
 
 MB = 1 << 20

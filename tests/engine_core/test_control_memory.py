@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from engine_core import Engine, EngineReleasedError, InvalidConfigError
-from engine_core.memory import process_tree_rss
+from engine_core.control.rank_memory import process_tree_rss
 from weight_sync import list_segments
 
 GREEDY = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine_core.page_pool import PagePool, pages_needed
-from engine_core.request import Request, Status
-from engine_core.sampling_params import SamplingParams
-from engine_core.scheduler import Scheduler
+from engine_core.requests.request import Request, Status
+from engine_core.requests.sampling_params import SamplingParams
+from engine_core.scheduling.page_pool import PagePool, pages_needed
+from engine_core.scheduling.scheduler import Scheduler
 
 
 def make_req(i: int, prompt_len: int, max_new: int = 8) -> Request:

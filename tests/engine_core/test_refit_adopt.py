@@ -9,7 +9,7 @@ from refit_workers import GROUP, SenderProcess, Step, tensors_for
 from torch import nn
 
 from engine_core import Engine
-from engine_core.adopt import Part, commit_adopting
+from engine_core.weights.adopt import Part, commit_adopting
 from weight_sync import free_port
 from weight_sync.checksum import checksums_of
 
@@ -121,7 +121,7 @@ def test_engine_adopts_received_buffers_and_alternates(model_dir, tmp_path, kind
     sender = SenderProcess(tmp_path, port, 2, steps)
     try:
         with Engine(paths[0], device="cpu") as engine:
-            runner = engine.executor.runner
+            runner = engine.runner
             engine.init_weights_update_group("127.0.0.1", port, 1, 2, GROUP)
             arena = runner.refit.members[GROUP].arena
             seen = []
@@ -161,7 +161,7 @@ def test_staging_can_be_released_after_every_refit(model_dir, tmp_path):
     try:
         with Engine(paths[0], device="cpu", keep_refit_staging=False) as engine:
             engine.init_weights_update_group("127.0.0.1", port, 1, 2, GROUP)
-            arena = engine.executor.runner.refit.members[GROUP].arena
+            arena = engine.runner.refit.members[GROUP].arena
             for k in range(2):
                 engine.update_weights_from_distributed(sender.plan(k), group_name=GROUP)
                 assert arena.buffers() == [] and run(engine) == expected
@@ -192,8 +192,8 @@ def test_odd_shapes_stay_bitwise_equal_to_a_fresh_engine(model_dir, tmp_path):
             for k in range(2):
                 engine.update_weights_from_distributed(sender.plan(k), group_name=GROUP)
                 assert run_one(engine) == expected
-            storages = engine.executor.runner.weight_storages()
-            arena = engine.executor.runner.refit.members[GROUP].arena
+            storages = engine.runner.weight_storages()
+            arena = engine.runner.refit.members[GROUP].arena
             assert storages & {ptr for ptr, _ in arena.buffers()}  # adopted, not copied
     finally:
         result = sender.close()

@@ -12,8 +12,8 @@ import bisect
 from collections import deque
 from dataclasses import dataclass
 
-from engine_core.page_pool import PagePool, pages_needed
-from engine_core.request import Request, Status
+from engine_core.requests.request import Request, Status
+from engine_core.scheduling.page_pool import PagePool, pages_needed
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine_core.scheduler import Scheduler
+from engine_core.scheduling.scheduler import Scheduler
 
 PAUSE_MODES = ("abort", "retract", "in_place")
 
@@ -28,7 +28,7 @@ class PauseController:
 
     def __init__(self, scheduler: Scheduler, abort_all: Any) -> None:
         self.scheduler = scheduler
-        self._abort_all = abort_all  # EngineLoop.abort_now: finishes every request, loop thread
+        self._abort_all = abort_all  # finishes every request (the loop's, on its thread)
         self.mode: str | None = None
         self.num_pauses = 0
 

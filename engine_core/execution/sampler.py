@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from engine_core.step_plan import StepPlan, StepResult
+from engine_core.scheduling.step_plan import StepPlan, StepResult
 
 
 def sample_step(logits: torch.Tensor, plan: StepPlan) -> StepResult:

@@ -1,7 +1,8 @@
 """The background scheduling loop: admits requests, runs steps, applies results, notifies sinks.
 
 All request/scheduler state is touched only from the loop thread; callers talk to it through
-``submit``/``abort`` (a locked inbox) and receive outputs through per-request sinks.
+``submit``/``abort`` (a locked inbox) and receive outputs through per-request sinks. The loop
+owns its ``PauseController`` (``pause_generation``); the memory controller gates its steps.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engine_core.request import Request
-from engine_core.scheduler import Chunk, Scheduler
-from engine_core.step_plan import StepPlan, StepResult, build_plan
+from engine_core.control.pause import PauseController
+from engine_core.requests.request import Request
+from engine_core.scheduling.scheduler import Chunk, Scheduler
+from engine_core.scheduling.step_plan import StepPlan, StepResult, build_plan
 from engine_core.tokenizer import find_stop_string
 
 log = logging.getLogger(__name__)
@@ -28,27 +30,14 @@ class Sink(Protocol):
     def on_finish(self, req: Request, text: str) -> None: ...
 
 
-class LoopControl(Protocol):
-    """Gates the loop's steps (pause, released memory) and ticks idle timers; see
-    ``engine_core.control``. ``runnable``/``idle_timeout`` are cheap and may run under the
-    loop's lock; ``tick`` runs on the loop thread before each would-be step."""
+class StepGate(Protocol):
+    """Gates the loop's steps on memory and ticks its idle timer
+    (``control.engine_memory.MemoryController``). ``runnable``/``idle_timeout`` are cheap and
+    may run under the loop's lock; ``tick`` runs on the loop thread before each would-be step."""
 
     def runnable(self) -> bool: ...
-    def tick(self, has_work: bool) -> None: ...
+    def tick(self, has_work: bool, paused: bool) -> None: ...
     def idle_timeout(self) -> float | None: ...
-
-
-class NoControl:
-    """Default: always step, no timers."""
-
-    def runnable(self) -> bool:
-        return True
-
-    def tick(self, has_work: bool) -> None:
-        pass
-
-    def idle_timeout(self) -> float | None:
-        return None
 
 
 @dataclass
@@ -70,6 +59,7 @@ class EngineLoop:
         eos_ids: tuple[int, ...],
         decode: Callable[[Request], str],
         weight_version: Callable[[], str],
+        memory: StepGate,
     ):
         self.scheduler = scheduler
         self.execute = execute
@@ -81,7 +71,8 @@ class EngineLoop:
         self._inbox: list[tuple[str, Any]] = []
         self._cond = threading.Condition()
         self._stopping = False
-        self.control: LoopControl = NoControl()
+        self.memory = memory
+        self.pause = PauseController(scheduler, self._abort_all)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -124,16 +115,6 @@ class EngineLoop:
             raise box["error"]
         return box.get("result")
 
-    def set_control(self, control: LoopControl) -> None:
-        with self._cond:
-            self.control = control
-            self._cond.notify()  # re-evaluate the wait with the new control's timeout
-
-    def abort_now(self, message: str) -> None:
-        """Loop thread only (e.g. inside ``call``): finish every request with finish_reason
-        abort and its partial output, before the next step."""
-        self._abort_all(message)
-
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
@@ -149,7 +130,7 @@ class EngineLoop:
         while True:
             with self._cond:
                 while not self._inbox and not self._runnable() and not self._stopping:
-                    timeout = self.control.idle_timeout()
+                    timeout = self.memory.idle_timeout()
                     if timeout is not None and timeout <= 0:
                         break  # idle long enough: tick() below acts on it
                     self._cond.wait(timeout)
@@ -162,7 +143,7 @@ class EngineLoop:
             try:
                 for kind, payload in inbox:
                     self._handle(kind, payload)
-                self.control.tick(self.scheduler.has_work())
+                self.memory.tick(self.scheduler.has_work(), self.pause.paused)
                 if self._runnable():
                     self._step()
             except Exception as exc:  # a bug here must not strand callers or kill the loop
@@ -171,7 +152,7 @@ class EngineLoop:
         self._abort_all("engine shut down")
 
     def _runnable(self) -> bool:
-        return self.scheduler.has_work() and self.control.runnable()
+        return self.scheduler.has_work() and not self.pause.paused and self.memory.runnable()
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "call":

@@ -1,9 +1,9 @@
 """One TP rank's side of trainer refits: weight-update groups, staging, held updates, checksums.
 
-Owned by a ``ModelRunner`` (``runner.refit``) and reached through ``ModelRunner.refit_call``,
-which the executor runs on every rank at once. Loading always goes through
-``ModelRunner.stage_weights`` (the one ingest path: HF names, fused q/k/v and gate/up, TP
-shards, tied embeddings); this module only decides where the tensors come from.
+Owned by a rank (``execution.rank.Rank.refit``), whose methods the rank client runs on every
+rank at once. Loading always goes through ``Rank.stage_weights`` (the one ingest path: HF
+names, fused q/k/v and gate/up, TP shards, tied embeddings); this module only decides where
+the tensors come from.
 
 Held updates (``stage_distributed(..., hold=True)`` / ``restage_held`` / ``discard_held``) let
 several engines stage one update each and commit only once every engine staged successfully.
@@ -14,6 +14,7 @@ between (sleep / wake), so the commit validates again against the live parameter
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,14 +24,14 @@ import torch
 import torch.distributed as dist
 
 from engine_core.errors import ModelLoadError
-from engine_core.loader import (
+from engine_core.weights.loader import (
     SKIPPED_SUFFIXES,
-    _owner_key,
     checkpoint_files,
     expected_keys,
+    owner_key,
+    owner_of,
     param_view,
 )
-from engine_core.models.llama import PACKED
 from weight_sync import (
     UpdatePlan,
     WeightGroup,
@@ -41,7 +42,8 @@ from weight_sync import (
 from weight_sync.checksum import tensor_checksum
 from weight_sync.staging import StagingArena
 
-_UNPACKED = {(fused, shard): hf for hf, (fused, shard) in PACKED.items()}
+log = logging.getLogger(__name__)
+
 _SHARD_ORDER = {None: 0, "q": 0, "k": 1, "v": 2, 0: 0, 1: 1}  # HF order within a fused layer
 
 
@@ -61,8 +63,9 @@ class _Member:
 class RankRefit:
     """Per-rank refit state; every method runs on every TP rank in the same order."""
 
-    def __init__(self, runner: Any) -> None:
-        self.runner = runner
+    def __init__(self, rank: Any, model_path: str) -> None:
+        self.rank = rank  # execution.rank.Rank: its weights, storages and TP group
+        self.model_path = model_path  # the checkpoint whose header gives every full shape
         self.members: dict[str, _Member] = {}
         self.held: list[tuple[str, torch.Tensor]] | None = None
         self.held_group: str | None = None
@@ -82,8 +85,8 @@ class RankRefit:
         """Join ``group_name`` as rank ``rank_offset + tp_rank``; returns that rank."""
         if group_name in self.members:
             raise ValueError(f"weight-update group {group_name!r} already exists on this engine")
-        rank = rank_offset + self.runner.tp.rank
-        device = self.runner.device if backend == "nccl" else torch.device("cpu")
+        rank = rank_offset + self.rank.tp.rank
+        device = self.rank.device if backend == "nccl" else torch.device("cpu")
         group = create_group(
             master_address,
             master_port,
@@ -131,7 +134,7 @@ class RankRefit:
     ) -> int:
         """Receive a whole update (``plan``: bucket protocol, else ``metas``: one broadcast per
         tensor) into the arena, then validate this rank's shards; nothing is written. With
-        ``hold`` the validated update is kept for ``restage_held`` instead of the runner's
+        ``hold`` the validated update is kept for ``restage_held`` instead of the rank's
         ``commit_weights``."""
         with self.receiving(group_name):
             pairs = self.receive(group_name, plan, metas)
@@ -152,7 +155,7 @@ class RankRefit:
                 f"an update received through {group_name!r} is still held; commit or discard it"
             )
         member = self._member(group_name)
-        in_use = self.runner.weight_storages()
+        in_use = self.rank.weight_storages()
         try:
             if plan is not None:
                 return member.arena.receive(member.group, plan, in_use=in_use)
@@ -172,7 +175,7 @@ class RankRefit:
         # The arena's buffer is ours: a complete update becomes the parameters' storage.
         count = self.stage_pairs(pairs, adopt=True)
         if hold:
-            self.runner.discard_weights()  # only the received pairs are kept, see the module doc
+            self.rank.discard_weights()  # only the received pairs are kept, see the module doc
             self.held, self.held_group = pairs, group_name
         return count
 
@@ -183,9 +186,23 @@ class RankRefit:
     def stage_pairs(self, pairs: Iterable[tuple[str, torch.Tensor]], adopt: bool = False) -> int:
         # Refits must match the engine's dtype exactly (no silent casts of trainer tensors).
         # Only received buffers are adopted; a trainer's tensors are always copied.
-        return self.runner.stage_weights(
+        return self.rank.stage_weights(
             pairs, require_complete=False, strict_dtype=True, adopt=adopt
         )
+
+    def after_commit(self, keep_staging: bool) -> None:
+        """The weights are switched: keep a spare arena buffer for the next update
+        (``keep_staging``) or free the unused ones. Best-effort: nothing here may fail the
+        refit (e.g. no memory for the spare on a GPU whose KV cache took the rest)."""
+        if not self.members:
+            return
+        try:
+            if keep_staging:
+                self.reserve_spares(self.rank.weight_storages())
+            else:
+                self.release_staging(self.rank.weight_storages())  # buffers nothing uses
+        except Exception:
+            log.warning("could not prepare the refit staging spare; continuing", exc_info=True)
 
     def reserve_spares(self, in_use: set[int]) -> None:
         """After a commit: every arena keeps a touched buffer neither the weights nor a held
@@ -222,9 +239,9 @@ class RankRefit:
     def checksums(self, names: Sequence[str] | None) -> dict[str, str]:
         """``{HF name: sha256}`` of the full tensors (gathered across TP ranks); rank 0's result
         is the answer (other ranks only contribute their shards)."""
-        model = self.runner.model
+        model = self.rank.model
         names = list(names) if names is not None else hf_names(model)
-        if self.runner.tp.size == 1:
+        if self.rank.tp.size == 1:
             return {name: tensor_checksum(param_view(model, name)) for name in names}
         shapes = self._full_shapes(names)
         return {name: tensor_checksum(self._gather(name, shapes[name])) for name in names}
@@ -234,7 +251,7 @@ class RankRefit:
         from safetensors import safe_open
 
         shapes: dict[str, tuple[int, ...]] = {}
-        for path in checkpoint_files(self.runner.config.model_path):
+        for path in checkpoint_files(self.model_path):
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
                     shapes[key] = tuple(f.get_slice(key).get_shape())
@@ -253,12 +270,11 @@ class RankRefit:
         byte-wise MAX all-reduce merges the ranks: every element is owned by at least one rank,
         replicas hold identical bytes and non-owners contribute zeros, so the bytes are exact.
         """
-        model, device = self.runner.model, self.runner.device
-        path, leaf, shard_id = _owner_key(name)
-        module = model.get_submodule(path) if path else model
-        if getattr(module, "tied", False):
-            path, leaf, shard_id = _owner_key("model.embed_tokens.weight")
-            module = model.get_submodule(path)
+        model, device = self.rank.model, self.rank.device
+        path, leaf, shard_id = owner_key(model, name)
+        module = owner_of(model, path)
+        if module is None:
+            raise ModelLoadError(f"unknown weight name {name!r}")
         numel = 1
         for d in shape:
             numel *= d
@@ -268,7 +284,7 @@ class RankRefit:
         full[src.reshape(-1)] = dst.reshape(-1)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MAX
-        self.runner.tp.group.allreduce([full.view(torch.uint8)], opts).wait()
+        self.rank.tp.group.allreduce([full.view(torch.uint8)], opts).wait()
         return full.view(shape)
 
     # ---------------------------------------------------------------- teardown
@@ -282,6 +298,7 @@ class RankRefit:
 def hf_names(model: torch.nn.Module) -> list[str]:
     """Every HF parameter name the model loads (fused layers split back into q/k/v, gate/up;
     a tied LM head is left out: it is ``model.embed_tokens.weight``), in module order."""
+    unpacked = {(fused, shard): hf for hf, (fused, shard) in model.packed_modules.items()}
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
     names = []
     keys = sorted(
@@ -289,6 +306,6 @@ def hf_names(model: torch.nn.Module) -> list[str]:
     )
     for path, leaf, shard in keys:
         parent, _, last = path.rpartition(".")
-        hf = _UNPACKED.get((last, shard))
+        hf = unpacked.get((last, shard))
         names.append(f"{parent}.{hf}.{leaf}" if hf else f"{path}.{leaf}")
     return [n for n in names if not n.endswith(SKIPPED_SUFFIXES)]

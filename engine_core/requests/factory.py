@@ -1,4 +1,4 @@
-"""Turns ``generate`` arguments into validated ``Request``s and tracks which ids are in flight.
+"""Turns a ``GenerateRequest`` into validated ``Request``s and tracks which ids are in flight.
 
 Validation is all-or-nothing for a batch: every prompt, sampling dict and flag is checked (and
 tokenized) before any request exists, so a bad item raises ``InvalidRequestError`` naming the
@@ -12,15 +12,28 @@ import random
 import threading
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from engine_core import inputs
 from engine_core.errors import InvalidRequestError
-from engine_core.page_pool import PagePool, pages_needed
-from engine_core.request import Request
-from engine_core.sampling_params import SamplingParams
+from engine_core.requests.generate_request import GenerateItem, GenerateRequest
+from engine_core.requests.request import Request
+from engine_core.requests.sampling_params import SamplingParams
+from engine_core.scheduling.page_pool import PagePool, pages_needed
 
 _GOLDEN = 0x9E3779B97F4A7C15  # mixes a sample index into a seed
+
+
+@dataclass
+class SeqSpec:
+    """One prompt after validation; ``n`` samples of it become ``n`` requests."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    rid: str | None
+    return_logprob: bool
+    logprob_start_len: int
+    top_logprobs_num: int
 
 
 class RequestFactory:
@@ -43,42 +56,22 @@ class RequestFactory:
         with self._lock:
             self._active.difference_update(rids)
 
-    def build(
-        self,
-        prompt,
-        input_ids,
-        sampling_params,
-        return_logprob,
-        logprob_start_len,
-        top_logprobs_num,
-        rid,
-    ) -> tuple[list[Request], bool]:
+    def build(self, request: GenerateRequest) -> tuple[list[Request], bool]:
         """Validate everything, then create one request per sample; returns (requests, batch?)."""
-        if inputs.looks_like_sampling_params(input_ids):
-            # SGLang's positional order is (prompt, sampling_params, input_ids); accept it too.
-            input_ids, sampling_params = sampling_params, input_ids
-        batch = inputs.batch_size_of(prompt, input_ids)
-        field = "prompt" if prompt is not None else "input_ids"
-        prompts = inputs.per_item(prompt if prompt is not None else input_ids, batch, field)
-        params = inputs.per_item(sampling_params, batch, "sampling_params")
-        flags = [
-            inputs.per_item(value, batch, name)
-            for value, name in (
-                (return_logprob, "return_logprob"),
-                (logprob_start_len, "logprob_start_len"),
-                (top_logprobs_num, "top_logprobs_num"),
-                (rid, "rid"),
-            )
-        ]
-        specs = []
-        for i, item in enumerate(prompts):
-            where = "" if batch is None else f"[{i}]"
-            ids = self._tokenize(item, f"{field}{where}")
-            sp = SamplingParams.from_dict(params[i], f"sampling_params{where}")
-            inputs.check_logprob_args(flags[0][i], flags[1][i], flags[2][i], "")
-            self._check_fits(ids, sp, where)
-            specs.append(inputs.SeqSpec(ids, sp, flags[3][i], *[f[i] for f in flags[:3]]))
-        return self._expand(specs), batch is not None
+        items = request.items()
+        field = "prompt" if request.is_text else "input_ids"
+        specs = [self._spec(item, field) for item in items]
+        return self._expand(specs), request.batch_size is not None
+
+    def _spec(self, item: GenerateItem, field: str) -> SeqSpec:
+        where = item.where
+        ids = self._tokenize(item.input, f"{field}{where}")
+        sp = SamplingParams.from_dict(item.sampling_params, f"sampling_params{where}")
+        check_logprob_args(item.return_logprob, item.logprob_start_len, item.top_logprobs_num)
+        self._check_fits(ids, sp, where)
+        return SeqSpec(
+            ids, sp, item.rid, item.return_logprob, item.logprob_start_len, item.top_logprobs_num
+        )
 
     def _tokenize(self, item: Any, field: str) -> list[int]:
         if isinstance(item, str):
@@ -89,7 +82,7 @@ class RequestFactory:
                     field, item, "text prompts need a tokenizer; pass input_ids"
                 )
             item = self.tokenizer.encode(item)
-        return inputs.check_ids(item, field, self.vocab_size)
+        return check_ids(item, field, self.vocab_size)
 
     def _check_fits(self, ids: list[int], sp: SamplingParams, where: str) -> None:
         if len(ids) > self.context_length:
@@ -107,7 +100,7 @@ class RequestFactory:
                 f"{self.pool.capacity_tokens}",
             )
 
-    def _expand(self, specs: list[inputs.SeqSpec]) -> list[Request]:
+    def _expand(self, specs: list[SeqSpec]) -> list[Request]:
         reqs = []
         for spec in specs:
             base = spec.rid if spec.rid is not None else uuid.uuid4().hex
@@ -124,7 +117,7 @@ class RequestFactory:
             self._active.update(rids)
         return reqs
 
-    def _new_request(self, spec: inputs.SeqSpec, rid: str, index: int) -> Request:
+    def _new_request(self, spec: SeqSpec, rid: str, index: int) -> Request:
         sp = spec.params
         if sp.sampling_seed is None:
             seed = self._rng.getrandbits(63)
@@ -145,3 +138,23 @@ class RequestFactory:
             req.input_logprobs.append(None)  # the first token has no context to score it
             req.input_top_logprobs.append(None)
         return req
+
+
+def check_ids(ids: Any, field: str, vocab_size: int) -> list[int]:
+    if not isinstance(ids, list) or not ids:
+        raise InvalidRequestError(field, ids, "must be a non-empty list of token ids")
+    for tok in ids:
+        if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab_size:
+            raise InvalidRequestError(
+                field, tok, f"token id outside the vocabulary [0, {vocab_size})"
+            )
+    return ids
+
+
+def check_logprob_args(return_logprob: Any, start: Any, top_n: Any, field: str = "") -> None:
+    if not isinstance(return_logprob, bool):
+        raise InvalidRequestError(f"{field}return_logprob", return_logprob, "must be a bool")
+    if isinstance(start, bool) or not isinstance(start, int) or start < -1:
+        raise InvalidRequestError(f"{field}logprob_start_len", start, "must be an int >= -1")
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
+        raise InvalidRequestError(f"{field}top_logprobs_num", top_n, "must be an int >= 0")

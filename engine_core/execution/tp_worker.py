@@ -1,4 +1,4 @@
-"""One TP rank's process: joins the TP group, builds its model shard, serves executor calls."""
+"""One TP rank's process: joins the TP group, builds its ``Rank``, serves its calls."""
 
 from __future__ import annotations
 
@@ -18,18 +18,18 @@ def worker_main(
     group: dict,
     threads: int,
 ) -> None:
-    """Serve ``(method, args, kwargs)`` calls until ``__exit__``; reply ``(status, value)``."""
+    """Serve ``(Rank method, args)`` calls until ``(None, ())``; reply ``(status, value)``."""
     import torch
 
     torch.set_num_threads(threads)
     try:
-        runner, tp_group = _start(rank, config, model_cfg, context_length, group)
+        worker, tp_group = _start(rank, config, model_cfg, context_length, group)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ok", None))
     try:
-        _serve(rank, conn, runner)
+        _serve(rank, conn, worker)
     finally:
         tp_group.destroy()
 
@@ -39,7 +39,7 @@ def _start(
 ):
     import torch
 
-    from engine_core.model_runner import ModelRunner
+    from engine_core.execution.rank import Rank
     from engine_core.parallel import TPContext
     from weight_sync.group import create_group
 
@@ -63,21 +63,19 @@ def _start(
         group=tp_group.process_group,
         ordered_all_reduce=config.deterministic_all_reduce,
     )
-    return ModelRunner(config, model_cfg, context_length, tp), tp_group
+    return Rank(config, model_cfg, context_length, tp), tp_group
 
 
-def _serve(rank: int, conn: Any, runner: Any) -> None:
+def _serve(rank: int, conn: Any, worker: Any) -> None:
     while True:
         try:
-            method, args, kwargs = conn.recv()
+            method, args = conn.recv()
         except EOFError:  # the engine process went away
             return
-        if method == "__exit__":
+        if method is None:
             return
-        if method == "execute" and rank != 0:
-            kwargs = dict(kwargs, sample=False)
         try:
-            value = getattr(runner, method)(*args, **kwargs)
+            value = method(worker, *args)
             conn.send(("ok", value if rank == 0 else None))
         except BaseException:
             conn.send(("error", traceback.format_exc()))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine_core.request import Request
-from engine_core.scheduler import Chunk
+from engine_core.requests.request import Request
+from engine_core.scheduling.scheduler import Chunk
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine_core.sampling_params import SamplingParams
+from engine_core.requests.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):
@@ -43,7 +43,6 @@ class Request:
     input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
     output_versions: list[str] = field(default_factory=list)
     finish_reason: dict | None = None
-    abort_requested: str | None = None
     num_retractions: int = 0
 
     @property

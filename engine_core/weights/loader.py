@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from engine_core.adopt import Part, commit_adopting, commit_by_copy
 from engine_core.errors import ModelLoadError
-from engine_core.models.llama import PACKED
+from engine_core.layers.sharded import WeightOwner
+from engine_core.weights.adopt import Part, commit_adopting, commit_by_copy
 
 Key = tuple[str, str, object]  # (module path, parameter leaf, shard id)
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -53,36 +53,40 @@ def iter_checkpoint(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelLoadError(f"cannot read weights file {path!r}: {exc}") from exc
 
 
-def _owner_key(name: str) -> Key:
+def owner_key(model: nn.Module, name: str) -> Key:
+    """(module path, leaf, shard id) of HF name ``name``; fused parts per the model class's
+    ``packed_modules`` (HF leaf module -> (fused module, shard id))."""
     module_path, _, leaf = name.rpartition(".")
     parent, _, last = module_path.rpartition(".")
-    if last in PACKED:
-        fused, shard_id = PACKED[last]
+    packed = model.packed_modules
+    if last in packed:
+        fused, shard_id = packed[last]
         return f"{parent}.{fused}", leaf, shard_id
     return module_path, leaf, None
+
+
+def owner_of(model: nn.Module, path: str) -> WeightOwner | None:
+    try:
+        module = model.get_submodule(path) if path else model
+    except AttributeError:
+        return None
+    return module if isinstance(module, WeightOwner) else None
 
 
 def expected_keys(model: nn.Module) -> set[Key]:
     """Every (module, leaf, shard) a complete checkpoint must provide."""
     keys: set[Key] = set()
     for path, module in model.named_modules():
-        if not hasattr(module, "shard_target") or getattr(module, "tied", False):
-            continue
-        shards: list[object] = [None]
-        if hasattr(module, "sizes"):
-            shards = ["q", "k", "v"]
-        elif hasattr(module, "local_outs"):
-            shards = list(range(len(module.local_outs)))
-        for leaf in ("weight", "bias"):
-            if getattr(module, leaf, None) is not None:
-                keys.update((path, leaf, shard) for shard in shards)
+        if isinstance(module, WeightOwner):
+            for leaf in module.loaded_leaves():
+                keys.update((path, leaf, shard) for shard in module.shard_ids())
     return keys
 
 
 def _target(modules: dict[str, nn.Module], name: str, tensor: torch.Tensor, key: Key) -> Part:
     path, leaf, shard_id = key
     module = modules.get(path)
-    if module is None or not hasattr(module, "shard_target") or getattr(module, leaf, None) is None:
+    if not isinstance(module, WeightOwner) or leaf not in module.loaded_leaves():
         raise ModelLoadError(f"unexpected weight {name!r}: the model has no such parameter")
     try:
         dst, src = module.shard_target(leaf, tensor, shard_id)
@@ -145,7 +149,7 @@ def stage_weights(
             raise ModelLoadError(
                 f"weight {name!r} has dtype {tensor.dtype}, expected {expected_dtype}"
             )
-        key = _owner_key(name)
+        key = owner_key(model, name)
         if key in seen:
             raise ModelLoadError(f"weight {name!r} given twice (also as {seen[key]!r})")
         seen[key] = name
@@ -177,21 +181,12 @@ def load_weights(
 
 def param_view(model: nn.Module, name: str) -> torch.Tensor:
     """This rank's parameter data behind HF name ``name`` (a view into the fused tensor)."""
-    path, leaf, shard_id = _owner_key(name)
+    path, leaf, shard_id = owner_key(model, name)
+    module = owner_of(model, path)
     try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        module = None
-    if module is not None and getattr(module, "tied", False) and leaf == "weight":
-        return module.head_weight
-    param = getattr(module, leaf, None) if module is not None else None
-    if not isinstance(param, torch.Tensor):
+        view = module.shard_view(leaf, shard_id) if module is not None else None
+    except (AttributeError, KeyError, TypeError, ValueError):
+        view = None
+    if not isinstance(view, torch.Tensor):
         raise ModelLoadError(f"unknown weight name {name!r}")
-    if shard_id is None:
-        return param
-    if hasattr(module, "sizes"):
-        offset, size = module.sizes[str(shard_id)]
-        return param.narrow(0, offset, size)
-    outs = module.local_outs
-    index = int(shard_id)
-    return param.narrow(0, sum(outs[:index]), outs[index])
+    return view

@@ -1,8 +1,8 @@
 """Releasing and restoring one TP rank's memory: its weights and its KV cache.
 
-``RunnerMemory`` is a mixin of ``ModelRunner``; the engine reaches its methods on every rank
-through ``executor.call`` (so TP worker processes free their own memory), always from the engine
-loop thread between two steps (see ``engine_core.sleep``).
+``RankMemory`` is one rank's part (built by ``execution.rank.Rank``); the engine reaches it on
+every rank through the rank client (so TP worker processes free their own memory), always from
+the engine loop thread between two steps (the engine side is ``control.engine_memory``).
 
 Memory really goes back to the OS: released tensors are replaced by empty ones (the
 ``nn.Parameter`` objects stay, so every reference to them stays valid), then
@@ -21,10 +21,12 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+from typing import Any
 
 import torch
 
-from engine_core.loader import iter_checkpoint, load_weights
+from engine_core.layers.sharded import WeightOwner
+from engine_core.weights.loader import iter_checkpoint, load_weights
 
 TAGS = ("weights", "kv_cache")
 WEIGHT_SOURCES = ("host", "checkpoint", "empty")
@@ -84,55 +86,34 @@ def return_freed_memory(device: torch.device) -> None:
         pass
 
 
-# ---------------------------------------------------------------- runner side
+# ---------------------------------------------------------------- rank side
 def _drop(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=tensor.dtype, device=tensor.device)
 
 
-def _vocab_padding(module: torch.nn.Module) -> int | None:
-    """First local row of a vocab-parallel weight past the real vocab (those rows stay zero)."""
-    if all(hasattr(module, a) for a in ("vocab", "start", "rows")) and "weight" in dict(
-        module.named_parameters(recurse=False)
-    ):
-        return max(0, min(module.rows, module.vocab - module.start))
-    return None
+class RankMemory:
+    """Release/restore of one rank's weights and KV cache. Each method returns or raises on
+    this rank only; the engine keeps the engine-wide state (``control.engine_memory``)."""
 
-
-class RunnerMemory:
-    """Release/restore methods of ``ModelRunner`` (expects ``model``, ``device``,
-    ``_allocate_kv_cache``). Each returns or raises on this rank only; the engine keeps the
-    engine-wide state (``engine_core.sleep.MemoryController``)."""
-
-    model: torch.nn.Module
-    device: torch.device
-    _weight_shapes: dict[str, torch.Size] | None = None
-    _host_weights: dict[str, torch.Tensor] | None = None
-
-    def _allocate_kv_cache(self) -> None:  # provided by ModelRunner
-        raise NotImplementedError
+    def __init__(self, model: torch.nn.Module, kv: Any, device: torch.device, refit: Any):
+        self.model = model
+        self.kv = kv  # execution.kv_cache.KVCache
+        self.device = device
+        self.refit = refit  # weights.rank_refit.RankRefit: its staging buffers go with weights
+        self._weight_shapes: dict[str, torch.Size] | None = None
+        self._host_weights: dict[str, torch.Tensor] | None = None
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds in weights and KV cache now."""
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        kv = sum(
-            t.numel() * t.element_size()
-            for layer in self.model.attention_layers()
-            for t in (layer.k_cache, layer.v_cache)
-        )
-        return {"weights": weights, "kv_cache": kv}
+        return {"weights": weights, "kv_cache": self.kv.nbytes()}
 
     # ---- KV cache ----
     def release_kv_cache(self) -> int:
         """Free every layer's K/V pages; the caller has retracted all requests first."""
-        freed = self.memory_bytes()["kv_cache"]
-        for layer in self.model.attention_layers():
-            layer.k_cache = _drop(layer.k_cache)
-            layer.v_cache = _drop(layer.v_cache)
+        freed = self.kv.release()
         return_freed_memory(self.device)
         return freed
-
-    def resume_kv_cache(self) -> None:
-        self._allocate_kv_cache()
 
     # ---- weights ----
     def release_weights(self, host_copy: bool) -> int:
@@ -152,14 +133,9 @@ class RunnerMemory:
                 host[name].copy_(param.data)
             param.data = _drop(param.data)
         self._weight_shapes, self._host_weights = shapes, (host if host_copy else None)
-        freed += self._release_staging(counted)
+        freed += self.refit.release_staging(counted)
         return_freed_memory(self.device)
         return freed
-
-    def _release_staging(self, counted: set[int]) -> int:
-        """Free refit staging buffers (provided by ModelRunner); returns the bytes freed that
-        are not in the storages ``counted`` already (parameters that adopted a buffer)."""
-        return 0
 
     def resume_weights(self, source: str, checkpoint: str | None = None) -> None:
         """Re-allocate the parameters and fill them from ``source``: ``"host"`` (the copy kept
@@ -198,7 +174,7 @@ class RunnerMemory:
         # Padding rows (vocab not divisible by tp_size) are never loaded; they must stay 0.
         with torch.no_grad():
             for module in self.model.modules():
-                first = _vocab_padding(module)
+                first = module.padding_rows() if isinstance(module, WeightOwner) else None
                 if first is not None:
                     module.weight[first:].zero_()
 

@@ -1,7 +1,7 @@
 """Engine-wide memory state: explicit release/resume and sleep-on-idle.
 
 Every method that changes memory runs on the engine loop thread, between two steps, and calls
-every TP rank (``executor.call``); ``engine_core.memory.RunnerMemory`` does the per-rank work.
+every TP rank (the rank client); ``control.rank_memory.RankMemory`` does the per-rank work.
 
 State: ``released`` is the set of tags ("weights", "kv_cache") whose memory is gone;
 ``idle_released`` is the part the idle timer released, which the next request wakes
@@ -25,9 +25,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from engine_core.config import EngineConfig
+from engine_core.control.rank_memory import TAGS, WEIGHT_SOURCES
 from engine_core.errors import EngineReleasedError
-from engine_core.memory import TAGS, WEIGHT_SOURCES
-from engine_core.scheduler import Scheduler
+from engine_core.execution.rank_client import RankClient
+from engine_core.scheduling.scheduler import Scheduler
+from engine_core.weights.refitter import WeightVersions
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +49,20 @@ class MemoryController:
     """Owns which memory is released; its methods other than ``submit_error``/``runnable``/
     ``idle_timeout``/``info`` must run on the loop thread."""
 
-    def __init__(self, config: EngineConfig, executor: Any, scheduler: Scheduler, weights: Any):
+    def __init__(
+        self,
+        config: EngineConfig,
+        ranks: RankClient,
+        scheduler: Scheduler,
+        versions: WeightVersions,
+        on_weights_released: Callable[[], None],
+    ):
         self.config = config
-        self.executor = executor
+        self.ranks = ranks
         self.scheduler = scheduler
-        self.weights = weights  # WeightUpdater: version and last checkpoint
-        if getattr(weights, "checkpoint", None) is None:
-            weights.checkpoint = (config.model_path, weights.version)
+        self.versions = versions  # read only: the refitter writes them
+        # Frees what the engine holds for refits beside the ranks (loop thread; must not block).
+        self.on_weights_released = on_weights_released
         self.host_copy = (
             config.device == "cuda"
             if config.weights_host_copy is None
@@ -64,8 +73,6 @@ class MemoryController:
         self.released: frozenset[str] = frozenset()
         self.idle_released: frozenset[str] = frozenset()
         self.awaiting_refit: str | None = None  # version at an "empty" resume, until refilled
-        # Frees what the engine holds for refits beside the ranks (loop thread; must not block).
-        self.on_weights_released: Callable[[], None] = lambda: None
         self._checked_version: str | None = None
         self._kept_host_copy = False
         self.last_active = time.monotonic()
@@ -83,7 +90,7 @@ class MemoryController:
     def submit_error(self, verify: Callable[[Callable[[], None]], None]) -> Exception | None:
         """The error a new request gets now (None: accept it). ``verify`` runs a function on the
         loop thread: used once after the refit that follows an ``"empty"`` resume."""
-        if self.awaiting_refit is not None and self.weights.version != self.awaiting_refit:
+        if self.awaiting_refit is not None and self.versions.current != self.awaiting_refit:
             verify(self._verify_refit)
         if self.runnable() or self.config.generate_while_released == "wait":
             return None
@@ -107,8 +114,7 @@ class MemoryController:
 
     def restorable(self) -> bool:
         """Whether the current weights equal the recorded checkpoint's (re-readable)."""
-        checkpoint = getattr(self.weights, "checkpoint", None)
-        return checkpoint is not None and checkpoint[1] == self.weights.version
+        return self.versions.restorable()
 
     def info(self) -> dict[str, Any]:
         lat = list(self.wake_latencies)
@@ -137,10 +143,10 @@ class MemoryController:
             for req in reversed(list(self.scheduler.running)):  # newest first keeps order
                 self.scheduler.retract(req)
             self.released = self.released | {"kv_cache"}
-            freed["kv_cache"] = self.executor.call("release_kv_cache")
+            freed["kv_cache"] = self.ranks.release_kv_cache()
         if "weights" in tags and "weights" not in self.released:
             self.released = self.released | {"weights"}
-            freed["weights"] = self.executor.call("release_weights", self.host_copy)
+            freed["weights"] = self.ranks.release_weights(self.host_copy)
             self._kept_host_copy = self.host_copy
             self.on_weights_released()
         self.asleep = self.asleep and bool(self.idle_released)
@@ -155,14 +161,15 @@ class MemoryController:
         result: dict[str, Any] = {}
         if "weights" in tags and "weights" in self.released:
             source = self._weights_source(weights)
-            path = self.weights.checkpoint[0] if source == "checkpoint" else None
-            self.executor.call("resume_weights", source, path)
+            checkpoint = self.versions.checkpoint
+            path = checkpoint[0] if source == "checkpoint" and checkpoint else None
+            self.ranks.resume_weights(source, path)
             self.released = self.released - {"weights"}
             self.idle_released = self.idle_released - {"weights"}
-            self.awaiting_refit = self.weights.version if source == "empty" else None
+            self.awaiting_refit = self.versions.current if source == "empty" else None
             result["weights_source"] = source
         if "kv_cache" in tags and "kv_cache" in self.released:
-            self.executor.call("resume_kv_cache")
+            self.ranks.resume_kv_cache()
             self.released = self.released - {"kv_cache"}
             self.idle_released = self.idle_released - {"kv_cache"}
         self.last_active = time.monotonic()
@@ -175,7 +182,7 @@ class MemoryController:
             raise ValueError("no host copy was kept at release (weights_host_copy is off)")
         if wanted == "checkpoint" and not self.restorable():
             raise ValueError(
-                f"weights version {self.weights.version!r} came from a tensor/distributed "
+                f"weights version {self.versions.current!r} came from a tensor/distributed "
                 "refit, not from a checkpoint: resume with weights='empty' and refit"
             )
         if wanted != "auto":
@@ -195,11 +202,11 @@ class MemoryController:
             )
 
     def _verify_refit(self) -> None:
-        if self.awaiting_refit is None or self.weights.version == self._checked_version:
+        if self.awaiting_refit is None or self.versions.current == self._checked_version:
             return
-        self._checked_version = self.weights.version
+        self._checked_version = self.versions.current
         try:
-            self.executor.call("check_weights_loaded")
+            self.ranks.check_weights_loaded()
         except Exception as exc:
             log.warning("refit after an empty resume left weights unfilled: %s", exc)
             return
@@ -209,7 +216,7 @@ class MemoryController:
         """Each loop iteration: verify a refit after an empty resume, wake idle-released memory
         when a request is about to run, or release after ``sleep_on_idle_s`` idle seconds."""
         now = time.monotonic()
-        if self.awaiting_refit is not None and self.weights.version != self.awaiting_refit:
+        if self.awaiting_refit is not None and self.versions.current != self.awaiting_refit:
             self._verify_refit()
         if has_work:
             self.last_active = now

@@ -1,0 +1,1 @@
+"""RL control: pausing, and releasing / resuming memory (engine side and rank side)."""

@@ -1,0 +1,100 @@
+"""One rank's forward: build the model, and turn a ``StepPlan`` into tensors, run it, sample.
+
+With the attention backends (``layers.attention_backends``) the only place that makes tensors
+from bookkeeping.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine_core.config import EngineConfig
+from engine_core.execution.sampler import sample_step
+from engine_core.layers.attention import choose_backend
+from engine_core.model_config import ModelConfig
+from engine_core.models.llama import ModelOps
+from engine_core.models.registry import ARCHITECTURES
+from engine_core.parallel import TPContext
+from engine_core.scheduling.step_plan import StepPlan, StepResult
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(config: EngineConfig, model_cfg: ModelConfig) -> torch.dtype:
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    if config.device == "cpu":
+        return torch.float32  # no fast bf16/fp16 matmul on this class of CPU
+    return _DTYPES.get(model_cfg.torch_dtype, torch.float32)
+
+
+def build_model(
+    config: EngineConfig,
+    model_cfg: ModelConfig,
+    tp: TPContext,
+    context_length: int,
+    dtype: torch.dtype,
+) -> tuple[torch.nn.Module, object, str]:
+    """The architecture's model (weights not loaded), its attention backend, and how its
+    matmul is batch-invariant in deterministic mode (``"off"`` otherwise)."""
+    device = torch.device(config.device)
+    attention = choose_backend(device, dtype, config.deterministic)
+    linear, matmul = torch.nn.functional.linear, "off"
+    if config.deterministic:
+        linear, matmul = _deterministic_linear(model_cfg, tp.size, dtype, device)
+    model_class = ARCHITECTURES[model_cfg.architecture].model_class
+    with torch.device(device):
+        model = model_class(model_cfg, tp, context_length, ModelOps(attention, linear))
+    return model.to(dtype).eval(), attention, matmul
+
+
+def _deterministic_linear(mc: ModelConfig, tp: int, dtype: torch.dtype, device: torch.device):
+    """A batch-invariant matmul: Triton on CUDA; on CPU the BLAS itself when the start-up
+    probe proves its rows batch-invariant for every weight shape, else fixed M tiles."""
+    import kernels
+    from kernels.invariant_linear import padded_linear, rows_invariant
+
+    if device.type == "cuda":
+        return kernels.batch_invariant_linear, "triton fixed tiles"
+    local_qkv = (mc.num_heads // tp + 2 * max(1, mc.num_kv_heads // tp)) * mc.head_dim
+    shapes = [
+        (mc.hidden_size, local_qkv),
+        (mc.q_size // tp, mc.hidden_size),
+        (mc.hidden_size, 2 * mc.intermediate_size // tp),
+        (mc.intermediate_size // tp, mc.hidden_size),
+        (mc.hidden_size, -(-mc.vocab_size // tp)),
+    ]
+    threads = torch.get_num_threads()
+    if all(rows_invariant(k, n, dtype, threads) for k, n in shapes):
+        return padded_linear, "blas (proved row-invariant at start-up)"
+    return kernels.batch_invariant_linear, "fixed 16-row tiles"
+
+
+class ModelRunner:
+    """Runs steps of one rank's model through its attention backend."""
+
+    def __init__(
+        self, model, attention, page_size: int, device: torch.device, tp: TPContext
+    ) -> None:
+        self.model = model
+        self.attention = attention
+        self.page_size = page_size
+        self.device = device
+        self.samples = tp.rank == 0  # the other ranks join the collectives, rank 0 samples
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        ids: list[int] = []
+        positions: list[int] = []
+        for seq in plan.seqs:
+            ids.extend(seq.token_ids)
+            positions.extend(range(seq.start, seq.start + len(seq.token_ids)))
+        meta = self.attention.build(plan, self.page_size, self.device)
+        dev = self.device
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
+        hidden = self.model(ids_t, torch.tensor(positions, dtype=torch.long, device=dev), meta)
+        if not plan.logit_rows:
+            return StepResult([], None, [])
+        rows = torch.tensor(plan.logit_rows, dtype=torch.long, device=dev)
+        logits = self.model.logits(hidden.index_select(0, rows))
+        return sample_step(logits, plan) if self.samples else None

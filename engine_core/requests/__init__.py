@@ -1,0 +1,1 @@
+"""Requests: a generate call's arguments, validated requests, outputs (pure Python)."""

@@ -1,0 +1,169 @@
+"""``GenerateRequest``: the arguments of one ``generate`` call, as one value.
+
+Built once where a call enters (``Engine.generate``, ``EngineActor.generate``,
+``RolloutService.generate``) and passed on as it is, so the SGLang argument list is written in
+one place. ``items()`` is the one broadcast of per-prompt arguments: a scalar applies to every
+prompt, a list gives one value per prompt. Pure Python (no torch): the Ray driver imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine_core.errors import InvalidRequestError
+
+
+@dataclass
+class GenerateRequest:
+    """SGLang's ``generate`` arguments (``prompt`` or ``input_ids``, one or a batch).
+
+    ``sampling_params``, ``return_logprob``, ``logprob_start_len``, ``top_logprobs_num`` and
+    ``rid`` are one value for every prompt or a list of one per prompt. SGLang's positional
+    order ``(prompt, sampling_params, input_ids)`` is accepted too.
+    """
+
+    prompt: Any = None
+    input_ids: Any = None
+    sampling_params: Any = None
+    return_logprob: Any = False
+    logprob_start_len: Any = -1
+    top_logprobs_num: Any = 0
+    rid: Any = None
+    stream: bool = False
+
+    def __post_init__(self) -> None:
+        if looks_like_sampling_params(self.input_ids):
+            self.input_ids, self.sampling_params = self.sampling_params, self.input_ids
+
+    @classmethod
+    def of(cls, *args: Any, **kwargs: Any) -> GenerateRequest:
+        """From ``generate``'s arguments, or a ``GenerateRequest`` given as the only one.
+        An unknown argument raises ``InvalidRequestError`` naming it."""
+        if len(args) == 1 and not kwargs and isinstance(args[0], GenerateRequest):
+            return args[0]
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in kwargs:
+            if key not in known:
+                raise InvalidRequestError(
+                    key, kwargs[key], f"unknown argument; known: {sorted(known)}"
+                )
+        if len(args) > len(known):
+            raise InvalidRequestError("args", args, f"at most {len(known)} positional arguments")
+        return cls(*args, **kwargs)
+
+    @property
+    def is_text(self) -> bool:
+        return self.prompt is not None
+
+    @property
+    def batch_size(self) -> int | None:
+        """None for a single prompt, else the number of prompts."""
+        prompt, input_ids = self.prompt, self.input_ids
+        if (prompt is None) == (input_ids is None):
+            raise InvalidRequestError(
+                "prompt/input_ids",
+                (prompt is not None, input_ids is not None),
+                "give exactly one of prompt or input_ids",
+            )
+        if prompt is not None:
+            if isinstance(prompt, str):
+                return None
+            if not isinstance(prompt, list) or not prompt:
+                raise InvalidRequestError(
+                    "prompt", prompt, "must be a non-empty str or list of str"
+                )
+            return len(prompt)
+        if not isinstance(input_ids, list) or not input_ids:
+            raise InvalidRequestError("input_ids", input_ids, "must be a non-empty list of ints")
+        return len(input_ids) if isinstance(input_ids[0], list) else None
+
+    def items(self) -> list[GenerateItem]:
+        """One ``GenerateItem`` per prompt (validates the batch shape, not the values)."""
+        batch = self.batch_size
+        field = "prompt" if self.is_text else "input_ids"
+        inputs = per_item(self.prompt if self.is_text else self.input_ids, batch, field)
+        columns = [
+            per_item(getattr(self, name), batch, name)
+            for name in (
+                "sampling_params",
+                "return_logprob",
+                "logprob_start_len",
+                "top_logprobs_num",
+                "rid",
+            )
+        ]
+        return [
+            GenerateItem(i, batch is not None, inputs[i], *(column[i] for column in columns))
+            for i in range(len(inputs))
+        ]
+
+    def for_items(self, items: list[GenerateItem], rids: list[str] | None = None):
+        """A batch request of ``items`` only (e.g. one prompt group sent to one engine)."""
+        return GenerateRequest(
+            **{"prompt" if self.is_text else "input_ids": [item.input for item in items]},
+            sampling_params=[item.sampling_params for item in items],
+            return_logprob=[item.return_logprob for item in items],
+            logprob_start_len=[item.logprob_start_len for item in items],
+            top_logprobs_num=[item.top_logprobs_num for item in items],
+            rid=rids if rids is not None else [item.rid for item in items],
+        )
+
+
+@dataclass
+class GenerateItem:
+    """One prompt of a ``GenerateRequest`` with its own arguments (``where`` names it in
+    errors: ``""`` for a single prompt, ``"[i]"`` in a batch)."""
+
+    index: int
+    in_batch: bool
+    input: Any  # the prompt text or its token ids
+    sampling_params: Any
+    return_logprob: Any
+    logprob_start_len: Any
+    top_logprobs_num: Any
+    rid: Any
+
+    @property
+    def where(self) -> str:
+        return f"[{self.index}]" if self.in_batch else ""
+
+
+def looks_like_sampling_params(value: Any) -> bool:
+    if isinstance(value, dict):
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def per_item(value: Any, batch: int | None, field: str) -> list[Any]:
+    """Broadcast an argument to the batch (``batch`` None: one prompt), or check that a
+    per-prompt list has one value per prompt."""
+    if batch is None:
+        return [value]
+    if isinstance(value, list):
+        if len(value) != batch:
+            raise InvalidRequestError(
+                field, value, f"has {len(value)} items for a batch of {batch}"
+            )
+        return value
+    return [value] * batch
+
+
+def takes_generate_request(fn: Callable) -> Callable:
+    """Give a ``(*args, **kwargs)`` entry point ``GenerateRequest``'s signature (``help()``,
+    ``inspect``), so the argument list is declared once."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [
+        inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default)
+        for f in dataclasses.fields(GenerateRequest)
+    ]
+    extra = [
+        p
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    fn.__signature__ = inspect.Signature(params + extra)  # type: ignore[attr-defined]
+    return fn

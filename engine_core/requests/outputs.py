@@ -1,0 +1,169 @@
+"""What a caller gets back: SGLang-shaped output dicts, stream chunks, and the sinks that
+deliver them from the loop thread (blocking, streaming, or asyncio)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from engine_core.requests.request import Request
+from engine_core.tokenizer import stable_prefix
+
+
+def meta_info(req: Request, weight_version: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "id": req.rid,
+        "finish_reason": req.finish_reason,
+        "prompt_tokens": len(req.prompt_ids),
+        "completion_tokens": len(req.output_ids),
+        "cached_tokens": req.cached_tokens,
+        "weight_version": weight_version,
+        "weight_versions": list(req.output_versions),
+    }
+    if req.return_logprob:
+        info.update(_logprob_fields(req))
+    return info
+
+
+def _logprob_fields(req: Request) -> dict[str, Any]:
+    start = req.input_logprob_start
+    input_ids = req.prompt_ids[start:]
+    fields: dict[str, Any] = {
+        "input_token_logprobs": [(lp, tok, None) for lp, tok in zip(req.input_logprobs, input_ids)],
+        "output_token_logprobs": [
+            (lp, tok, None) for lp, tok in zip(req.output_logprobs, req.output_ids)
+        ],
+    }
+    if req.top_logprobs_num > 0:
+        fields["input_top_logprobs"] = [
+            None if tops is None else [(lp, tok, None) for lp, tok in tops]
+            for tops in req.input_top_logprobs
+        ]
+        fields["output_top_logprobs"] = [
+            [(lp, tok, None) for lp, tok in tops] for tops in req.output_top_logprobs
+        ]
+    return fields
+
+
+def final_output(req: Request, text: str, weight_version: str) -> dict[str, Any]:
+    return {
+        "text": text,
+        "output_ids": list(req.output_ids),
+        "meta_info": meta_info(req, weight_version),
+    }
+
+
+class OutputBuilder:
+    """Builds outputs of one engine's requests; ``release`` frees a finished request's id."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        release: Callable[[Iterable[str]], None],
+        weight_version: Callable[[], str],
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.release = release
+        self.weight_version = weight_version
+
+    def decode(self, req: Request) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(
+            req.output_ids, skip_special_tokens=req.params.skip_special_tokens
+        )
+
+    def final(self, req: Request, text: str) -> dict[str, Any]:
+        self.release([req.rid])
+        return final_output(req, text, self.weight_version())
+
+    def delta(self, req: Request, state: StreamState, final: bool, text: str | None):
+        """The next stream chunk (None: nothing new yet); chunks concatenate to the output."""
+        if final:
+            self.release([req.rid])
+            full = text or ""
+        else:
+            full = stable_prefix(self.decode(req))
+            hold = max((len(s) for s in req.params.stop), default=1) - 1
+            full = full[: len(full) - hold] if hold else full  # may yet become a stop string
+        new_ids = req.output_ids[state.sent_tokens :]
+        new_text = full[len(state.sent_text) :] if len(full) > len(state.sent_text) else ""
+        if not final and not new_ids:
+            return None
+        state.sent_tokens += len(new_ids)
+        state.sent_text += new_text
+        return {
+            "text": new_text,
+            "output_ids": new_ids,
+            "meta_info": meta_info(req, self.weight_version()),
+        }
+
+
+# ---------------------------------------------------------------- sinks (loop thread)
+Finalize = Callable[[Request, str], dict[str, Any]]
+Delta = Callable[[Request, "StreamState", bool, str | None], dict[str, Any] | None]
+
+
+class StreamState:
+    """How much of a request has already been streamed."""
+
+    def __init__(self) -> None:
+        self.sent_tokens = 0
+        self.sent_text = ""
+
+
+class BlockingSink:
+    """Collects the final output; ``wait`` blocks the caller's thread."""
+
+    def __init__(self, finalize: Finalize) -> None:
+        self.finalize = finalize
+        self.done = threading.Event()
+        self.output: dict[str, Any] | None = None
+
+    def on_progress(self, req: Request) -> None:
+        pass
+
+    def on_finish(self, req: Request, text: str) -> None:
+        self.output = self.finalize(req, text)
+        self.done.set()
+
+
+class StreamSink:
+    """Pushes incremental chunks to a queue; ``None`` marks the end."""
+
+    def __init__(self, delta: Delta, push: Callable[[Any], None]) -> None:
+        self.delta = delta
+        self.push = push
+        self.state = StreamState()
+
+    def on_progress(self, req: Request) -> None:
+        chunk = self.delta(req, self.state, False, None)
+        if chunk is not None:
+            self.push(chunk)
+
+    def on_finish(self, req: Request, text: str) -> None:
+        self.push(self.delta(req, self.state, True, text))
+        self.push(None)
+
+
+class FutureSink:
+    """Resolves an asyncio future on the caller's event loop."""
+
+    def __init__(self, finalize: Finalize, loop: asyncio.AbstractEventLoop) -> None:
+        self.finalize = finalize
+        self.loop = loop
+        self.future: asyncio.Future = loop.create_future()
+
+    def on_progress(self, req: Request) -> None:
+        pass
+
+    def on_finish(self, req: Request, text: str) -> None:
+        output = self.finalize(req, text)
+        self.loop.call_soon_threadsafe(_resolve, self.future, output)
+
+
+def _resolve(future: asyncio.Future, output: dict[str, Any]) -> None:
+    if not future.done():
+        future.set_result(output)

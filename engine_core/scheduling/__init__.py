@@ -1,0 +1,1 @@
+"""Scheduling: page pool, batching scheduler, step plans, the engine loop (pure Python)."""

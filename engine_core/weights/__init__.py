@@ -1,0 +1,1 @@
+"""Weights: the one ingest path (loader, adopt), the refitter, each rank's refit state."""
