@@ -166,8 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from rollout.demo import run_demo
 
-        run_demo(args.model_path, n=args.n, max_new_tokens=args.max_new_tokens,
-                 in_process=args.in_process, engines=args.engines)
+        run_demo(
+            args.model_path,
+            n=args.n,
+            max_new_tokens=args.max_new_tokens,
+            in_process=args.in_process,
+            engines=args.engines,
+        )
         return 0
     if args.command == "serve":
         return cmd_serve(args)

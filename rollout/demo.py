@@ -41,22 +41,37 @@ def _rollout_in_process(path: str, prompts: list[str], params: dict) -> list[dic
 def _rollout_service(path: str, prompts: list[str], params: dict, engines: int) -> list[dict]:
     import rollout
 
-    config = {"mode": "local", "model_path": path, "num_engines": engines,
-              "cpus_per_rank": 2.0 / engines, "engine": {"kv_cache_memory_bytes": 128 << 20}}
+    config = {
+        "mode": "local",
+        "model_path": path,
+        "num_engines": engines,
+        "cpus_per_rank": 2.0 / engines,
+        "engine": {"kv_cache_memory_bytes": 128 << 20},
+    }
     with rollout.deploy(config) as service:
         return service.generate(prompts, sampling_params=params, return_logprob=True)
 
 
-def run_demo(model_path: str | None = None, n: int = 2, max_new_tokens: int = 48,
-             in_process: bool = False, engines: int = 2) -> dict[str, Any]:
+def run_demo(
+    model_path: str | None = None,
+    n: int = 2,
+    max_new_tokens: int = 48,
+    in_process: bool = False,
+    engines: int = 2,
+) -> dict[str, Any]:
     """Run the rollout and return a summary (also printed)."""
     from engine_core.default_model import ensure_default_model
 
     path = model_path or ensure_default_model()
     print(f"model: {path}")
     prompts = chat_prompts(path, PROMPTS)
-    params = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": max_new_tokens, "n": n,
-              "sampling_seed": 1234}
+    params = {
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "max_new_tokens": max_new_tokens,
+        "n": n,
+        "sampling_seed": 1234,
+    }
     started = time.perf_counter()
     if in_process:
         outputs = _rollout_in_process(path, prompts, params)
@@ -67,11 +82,15 @@ def run_demo(model_path: str | None = None, n: int = 2, max_new_tokens: int = 48
     for i, out in enumerate(outputs):
         meta = out["meta_info"]
         logprob = sum(lp for lp, _, _ in meta["output_token_logprobs"])
-        print(f"\n[{PROMPTS[i // n]!r} sample {i % n}] {meta['finish_reason']['type']}, "
-              f"{meta['completion_tokens']} tokens, sum logprob {logprob:.2f}, "
-              f"weights {meta['weight_version']}")
+        print(
+            f"\n[{PROMPTS[i // n]!r} sample {i % n}] {meta['finish_reason']['type']}, "
+            f"{meta['completion_tokens']} tokens, sum logprob {logprob:.2f}, "
+            f"weights {meta['weight_version']}"
+        )
         print("  " + out["text"].strip().replace("\n", "\n  "))
     where = "one in-process engine" if in_process else f"{engines} engine actors"
-    print(f"\n{len(outputs)} samples, {tokens} tokens in {elapsed:.1f}s on {where} "
-          f"(including start-up): {tokens / elapsed:.1f} tok/s")
+    print(
+        f"\n{len(outputs)} samples, {tokens} tokens in {elapsed:.1f}s on {where} "
+        f"(including start-up): {tokens / elapsed:.1f} tok/s"
+    )
     return {"samples": len(outputs), "tokens": tokens, "seconds": elapsed}

@@ -14,6 +14,7 @@ Ray tasks, the placement group captures them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import os
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+
+from engine_core.errors import InvalidRequestError
+from engine_core.requests.generate_request import GenerateRequest, takes_generate_request
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,8 @@ class WeightsSource:
 def _portable(exc: Exception) -> Exception:
     """``exc``, or a plain ValueError/RuntimeError with its message when it cannot be unpickled:
     Ray ships exceptions to the caller by pickle, and errors whose ``__init__`` takes several
-    arguments (e.g. engine_core's ``InvalidRequestError``) would reach it as an opaque
-    ``UnserializableException``."""
+    arguments (without a ``__reduce__``, as engine_core's errors have) would reach it as an
+    opaque ``UnserializableException``."""
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
@@ -99,75 +103,39 @@ class EngineActor:
         version = source.weight_version
         if source.model_path == self._model_path:
             return Engine(self._model_path, **self._kwargs, weight_version=version)
-        if hasattr(Engine, "update_weights_from_disk"):
-            # Keep the original directory's tokenizer/config; take only the weights from source.
-            engine = Engine(self._model_path, **self._kwargs)
-            engine.update_weights_from_disk(source.model_path, weight_version=version)
-            return engine
-        return Engine(source.model_path, **self._kwargs, weight_version=version)
+        # Keep the original directory's tokenizer/config; take only the weights from source.
+        engine = Engine(self._model_path, **self._kwargs)
+        engine.update_weights_from_disk(source.model_path, weight_version=version)
+        return engine
 
     # ------------------------------------------------------------------ generation
-    async def generate(
-        self,
-        prompt=None,
-        input_ids=None,
-        sampling_params=None,
-        return_logprob=False,
-        logprob_start_len=-1,
-        top_logprobs_num=0,
-        rid=None,
-        stream=False,
-    ):
-        """``Engine.generate`` over Ray: a dict for one prompt, a list for a batch (the ``n``
-        samples of a prompt adjacent). Streams are not values: use ``generate_stream``."""
-        if stream:
-            from engine_core import InvalidRequestError
-
-            raise _portable(
-                InvalidRequestError(
-                    "stream", stream, "a Ray call returns one value; use generate_stream instead"
-                )
-            )
+    @takes_generate_request
+    async def generate(self, *args: Any, **kwargs: Any):
+        """``Engine.generate`` over Ray (``GenerateRequest``'s arguments, or one): a dict for one
+        prompt, a list for a batch (the ``n`` samples of a prompt adjacent). Streams are not
+        values: use ``generate_stream``."""
         try:
-            return await self.engine.async_generate(
-                prompt,
-                input_ids,
-                sampling_params,
-                return_logprob,
-                logprob_start_len,
-                top_logprobs_num,
-                rid,
-            )
+            request = GenerateRequest.of(*args, **kwargs)
+            if request.stream:
+                raise InvalidRequestError(
+                    "stream", True, "a Ray call returns one value; use generate_stream instead"
+                )
+            return await self.engine.async_generate(request)
         except Exception as exc:
             raise _portable(exc) from None
 
+    @takes_generate_request
     async def async_generate(self, *args: Any, **kwargs: Any):
         """Same as ``generate`` (every actor call is asynchronous for the caller)."""
         return await self.generate(*args, **kwargs)
 
-    async def generate_stream(
-        self,
-        prompt=None,
-        input_ids=None,
-        sampling_params=None,
-        return_logprob=False,
-        logprob_start_len=-1,
-        top_logprobs_num=0,
-        rid=None,
-    ):
+    @takes_generate_request
+    async def generate_stream(self, *args: Any, **kwargs: Any):
         """Streaming generator (one prompt, n=1): ``for ref in actor.generate_stream.remote(..)``
         yields refs of incremental chunks, as ``Engine.generate(stream=True)``."""
         try:
-            chunks = await self.engine.async_generate(
-                prompt,
-                input_ids,
-                sampling_params,
-                return_logprob,
-                logprob_start_len,
-                top_logprobs_num,
-                rid,
-                stream=True,
-            )
+            request = dataclasses.replace(GenerateRequest.of(*args, **kwargs), stream=True)
+            chunks = await self.engine.async_generate(request)
         except Exception as exc:
             raise _portable(exc) from None
         async for chunk in chunks:
@@ -207,12 +175,7 @@ class EngineActor:
 
     # ------------------------------------------------------------------ refit / sleep / pause
     async def _forward(self, verb: str, *args: Any, **kwargs: Any) -> Any:
-        fn = getattr(self.engine, verb, None)
-        if fn is None:
-            raise AttributeError(
-                f"engine_core.Engine has no {verb}() in this build; EngineActor.{verb} "
-                "forwards to it once the engine implements it"
-            )
+        fn = getattr(self.engine, verb)
         try:
             if inspect.iscoroutinefunction(fn):
                 return await fn(*args, **kwargs)

@@ -19,16 +19,63 @@ tokenizer); a stop *string* spanning the cut is not seen (stop token ids are); t
 random seed of an unseeded sample is not known here, so only seeded samples reproduce.
 
 This module imports neither Ray nor torch: the driver (``RolloutDriver``, via
-``rollout.partial_driver.PartialRolloutMixin``) and plain-engine users share it.
+``rollout.partial_rollouts.PartialRollouts``) and plain-engine users share it.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
+from collections.abc import Callable
 from typing import Any
 
-GOLDEN = 0x9E3779B97F4A7C15  # engine_core.engine._GOLDEN: the per-sample seed stride
-_DEFAULT_MAX_NEW = 128  # SamplingParams.max_new_tokens default
+from engine_core.requests.generate_request import GenerateItem, GenerateRequest
+from engine_core.requests.sampling_params import SamplingParams
+
+GOLDEN = 0x9E3779B97F4A7C15  # engine_core's per-sample seed stride (RequestFactory)
+_DEFAULT_MAX_NEW = SamplingParams.max_new_tokens  # the engine's default
+
+# ``GenerateRequest``'s arguments that a partial rollout takes: token ids only (no ``prompt``),
+# no ``rid`` (the driver names requests), no ``stream``; ``input_ids`` first and required.
+_PARAMETERS = [
+    inspect.Parameter(
+        f.name,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        default=inspect.Parameter.empty if f.name == "input_ids" else f.default,
+    )
+    for f in dataclasses.fields(GenerateRequest)
+    if f.name not in ("prompt", "rid", "stream")
+]
+_SIGNATURE = inspect.Signature(_PARAMETERS)
+
+
+def partial_request(*args: Any, **kwargs: Any) -> GenerateRequest:
+    """The ``GenerateRequest`` of a partial rollout from its arguments (``input_ids``,
+    ``sampling_params``, logprob options); anything else is a TypeError."""
+    return GenerateRequest(**_SIGNATURE.bind(*args, **kwargs).arguments)
+
+
+def takes_partial_request(fn: Callable) -> Callable:
+    """Give a ``(*args, **kwargs)`` method ``partial_request``'s arguments as its signature
+    (``help()``, and the arguments Ray checks), plus its own keyword-only ones."""
+    own = inspect.signature(fn).parameters.values()
+    extra = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    self = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    fn.__signature__ = inspect.Signature([self, *_PARAMETERS, *extra])  # type: ignore[attr-defined]
+    return fn
+
+
+def item_request(item: GenerateItem) -> dict[str, Any]:
+    """One prompt's ``request`` (the sample contract above) from a request's item."""
+    params = item.sampling_params or {}
+    return {
+        "input_ids": list(item.input),
+        "sampling_params": dict(params) if isinstance(params, dict) else params,
+        "return_logprob": item.return_logprob,
+        "logprob_start_len": item.logprob_start_len,
+        "top_logprobs_num": item.top_logprobs_num,
+    }
 
 
 def sample_seed(sampling_seed: int | None, index: int) -> int | None:

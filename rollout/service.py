@@ -17,10 +17,12 @@ import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from engine_core.requests.generate_request import GenerateRequest, takes_generate_request
 from rollout import placement
 from rollout.config import ServiceConfig, check_model, load_config
 from rollout.driver import RolloutDriver
 from rollout.engine_actor import EngineActor, WeightsSource
+from rollout.group_runner import new_rollout_id
 from rollout.progress import ProgressBar
 from rollout.ray_env import init_ray
 
@@ -157,52 +159,27 @@ class RolloutService:
             )
 
     # ------------------------------------------------------------------ API
-    def submit(
-        self,
-        prompt=None,
-        input_ids=None,
-        sampling_params=None,
-        return_logprob=False,
-        logprob_start_len=-1,
-        top_logprobs_num=0,
-        rollout_id: str | None = None,
-    ):
+    @takes_generate_request
+    def submit(self, *args: Any, rollout_id: str | None = None, **kwargs: Any):
         """Start a rollout; returns the ObjectRef of its outputs (see ``generate``)."""
-        return self.driver.generate.remote(
-            prompt,
-            input_ids,
-            sampling_params,
-            return_logprob,
-            logprob_start_len,
-            top_logprobs_num,
-            rollout_id,
-        )
+        request = GenerateRequest.of(*args, **kwargs)
+        return self.driver.generate.remote(request, rollout_id=rollout_id)
 
+    @takes_generate_request
     def generate(
         self,
-        prompt=None,
-        input_ids=None,
-        sampling_params=None,
-        return_logprob=False,
-        logprob_start_len=-1,
-        top_logprobs_num=0,
+        *args: Any,
         progress: bool | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         poll_s: float = 0.5,
+        **kwargs: Any,
     ):
-        """Roll out a batch over all engines and wait: outputs in input order, the ``n``
-        samples of a prompt adjacent (Engine-shaped). A progress bar is drawn on stdout when it
-        is a terminal (``progress`` forces it on/off); ``on_progress`` gets each snapshot."""
-        rollout_id = uuid.uuid4().hex[:12]
-        ref = self.submit(
-            prompt,
-            input_ids,
-            sampling_params,
-            return_logprob,
-            logprob_start_len,
-            top_logprobs_num,
-            rollout_id,
-        )
+        """Roll out a batch over all engines and wait (``GenerateRequest``'s arguments): outputs
+        in input order, the ``n`` samples of a prompt adjacent (Engine-shaped). A progress bar is
+        drawn on stdout when it is a terminal (``progress`` forces it on/off); ``on_progress``
+        gets each snapshot."""
+        rollout_id = new_rollout_id()
+        ref = self.submit(*args, rollout_id=rollout_id, **kwargs)
         bar = ProgressBar(sys.stdout, enabled=progress)
         if not bar.enabled and on_progress is None:
             return ray.get(ref)
