@@ -136,7 +136,7 @@ def stage_weights(
     ``adopt``: see :class:`StagedWeights`. Raises ModelLoadError naming the first bad tensor;
     the model is never touched here.
     """
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tied = model.config.tie_word_embeddings
     parts: list[Part] = []
     seen: dict[Key, str] = {}
     modules = dict(model.named_modules())
