@@ -55,7 +55,12 @@ class Engine(WeightSyncAPI, ControlAPI):
             self.pool, self.config.max_running_requests, self.config.max_num_batched_tokens
         )
         self.requests = RequestFactory(
-            self.tokenizer, mc.vocab_size, self.context_length, self.pool, self.config.seed
+            self.tokenizer,
+            mc.vocab_size,
+            self.context_length,
+            self.pool,
+            self.config.seed,
+            max_requests_per_call=self.config.max_requests_per_call,
         )
         self.loop = EngineLoop(
             self.scheduler,

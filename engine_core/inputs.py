@@ -44,6 +44,11 @@ def batch_size_of(prompt: Any, input_ids: Any) -> int | None:
             return None
         if not isinstance(prompt, list) or not prompt:
             raise InvalidRequestError("prompt", prompt, "must be a non-empty str or list of str")
+        for i, item in enumerate(prompt):
+            if not isinstance(item, str):
+                raise InvalidRequestError(
+                    f"prompt[{i}]", item, "must be a str (token ids go in input_ids)"
+                )
         return len(prompt)
     if not isinstance(input_ids, list) or not input_ids:
         raise InvalidRequestError("input_ids", input_ids, "must be a non-empty list of ints")
@@ -74,10 +79,32 @@ def check_ids(ids: Any, field: str, vocab_size: int) -> list[int]:
     return ids
 
 
-def check_logprob_args(return_logprob: Any, start: Any, top_n: Any, field: str) -> None:
+def check_logprob_args(
+    return_logprob: Any, start: Any, top_n: Any, field: str, vocab_size: int
+) -> None:
+    """``logprob_start_len`` past the prompt just reports no input logprobs; more top
+    logprobs than the vocabulary has tokens cannot be reported."""
     if not isinstance(return_logprob, bool):
         raise InvalidRequestError(f"{field}return_logprob", return_logprob, "must be a bool")
     if isinstance(start, bool) or not isinstance(start, int) or start < -1:
         raise InvalidRequestError(f"{field}logprob_start_len", start, "must be an int >= -1")
-    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
-        raise InvalidRequestError(f"{field}top_logprobs_num", top_n, "must be an int >= 0")
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or not 0 <= top_n <= vocab_size:
+        raise InvalidRequestError(
+            f"{field}top_logprobs_num", top_n, f"must be an int in [0, vocab size {vocab_size}]"
+        )
+
+
+def check_rid(rid: Any, field: str) -> None:
+    if rid is not None and not isinstance(rid, str):
+        raise InvalidRequestError(field, rid, "must be a str (or None)")
+
+
+def check_request_count(total: int, limit: int, field: str, value: Any) -> None:
+    """Reject a call that would expand to more than ``limit`` requests (batch size x n)."""
+    if total > limit:
+        raise InvalidRequestError(
+            field,
+            value,
+            f"one generate call may make at most max_requests_per_call={limit} requests "
+            f"(batch size x n; an EngineConfig option), this one makes {total}",
+        )

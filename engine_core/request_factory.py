@@ -2,7 +2,9 @@
 
 Validation is all-or-nothing for a batch: every prompt, sampling dict and flag is checked (and
 tokenized) before any request exists, so a bad item raises ``InvalidRequestError`` naming the
-field and value and nothing is queued.
+field and value and nothing is queued. One call may expand to at most
+``EngineConfig.max_requests_per_call`` requests (batch size x ``n``); the count is checked before
+the prompts are tokenized or any request is built, so an oversized call fails at once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from engine_core import inputs
+from engine_core.config import DEFAULT_MAX_REQUESTS_PER_CALL
 from engine_core.errors import InvalidRequestError
 from engine_core.page_pool import PagePool, pages_needed
 from engine_core.request import Request
@@ -27,12 +30,19 @@ class RequestFactory:
     """Builds requests for one engine; owns the unseeded-request RNG and the in-flight ids."""
 
     def __init__(
-        self, tokenizer: Any, vocab_size: int, context_length: int, pool: PagePool, seed: int
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        context_length: int,
+        pool: PagePool,
+        seed: int,
+        max_requests_per_call: int = DEFAULT_MAX_REQUESTS_PER_CALL,
     ):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.context_length = context_length
         self.pool = pool
+        self.max_requests_per_call = max_requests_per_call
         self._rng = random.Random(seed)
         self._arrival = itertools.count()
         self._lock = threading.Lock()
@@ -59,6 +69,8 @@ class RequestFactory:
             input_ids, sampling_params = sampling_params, input_ids
         batch = inputs.batch_size_of(prompt, input_ids)
         field = "prompt" if prompt is not None else "input_ids"
+        limit = self.max_requests_per_call
+        inputs.check_request_count(batch or 1, limit, field, f"<{batch} prompts>")
         prompts = inputs.per_item(prompt if prompt is not None else input_ids, batch, field)
         params = inputs.per_item(sampling_params, batch, "sampling_params")
         flags = [
@@ -70,12 +82,17 @@ class RequestFactory:
                 (rid, "rid"),
             )
         ]
+        wheres = ["" if batch is None else f"[{i}]" for i in range(len(prompts))]
+        sps = [SamplingParams.from_dict(p, f"sampling_params{w}") for p, w in zip(params, wheres)]
+        total = sum(sp.n for sp in sps)  # checked before anything is tokenized or built
+        count_field = "sampling_params.n" if batch is None else f"{field} x sampling_params.n"
+        inputs.check_request_count(total, limit, count_field, total)
         specs = []
         for i, item in enumerate(prompts):
-            where = "" if batch is None else f"[{i}]"
+            where, sp = wheres[i], sps[i]
             ids = self._tokenize(item, f"{field}{where}")
-            sp = SamplingParams.from_dict(params[i], f"sampling_params{where}")
-            inputs.check_logprob_args(flags[0][i], flags[1][i], flags[2][i], "")
+            inputs.check_logprob_args(flags[0][i], flags[1][i], flags[2][i], "", self.vocab_size)
+            inputs.check_rid(flags[3][i], f"rid{where}")
             self._check_fits(ids, sp, where)
             specs.append(inputs.SeqSpec(ids, sp, flags[3][i], *[f[i] for f in flags[:3]]))
         return self._expand(specs), batch is not None
@@ -111,8 +128,6 @@ class RequestFactory:
         reqs = []
         for spec in specs:
             base = spec.rid if spec.rid is not None else uuid.uuid4().hex
-            if not isinstance(base, str):
-                raise InvalidRequestError("rid", base, "must be a str")
             for i in range(spec.params.n):
                 rid = base if spec.params.n == 1 else f"{base}-{i}"
                 reqs.append(self._new_request(spec, rid, i))
