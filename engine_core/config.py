@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from engine_core.errors import InvalidConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Requests one generate call may expand to (batch size x n): GRPO-style rollouts send a few
+# hundred prompts x n = 4..64 per call; a million-sample typo is refused instead of queued.
+DEFAULT_MAX_REQUESTS_PER_CALL = 8192
 
 
 def default_device() -> str:
@@ -36,6 +39,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 512 << 20
     max_running_requests: int = 64
     max_num_batched_tokens: int = 2048
+    # Bound on batch size x n of one generate call (more raises InvalidRequestError at once).
+    max_requests_per_call: int = DEFAULT_MAX_REQUESTS_PER_CALL
     context_length: int | None = None
     seed: int = 0
     skip_tokenizer_init: bool = False
@@ -61,7 +66,13 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self._check_choice("dtype", self.dtype, DTYPES)
         self._check_choice("device", self.device, ("cpu", "cuda"))
-        for name in ("page_size", "max_running_requests", "max_num_batched_tokens", "tp_size"):
+        for name in (
+            "page_size",
+            "max_running_requests",
+            "max_num_batched_tokens",
+            "max_requests_per_call",
+            "tp_size",
+        ):
             self._check_positive(name, getattr(self, name))
         if self.max_total_tokens is not None:
             self._check_positive("max_total_tokens", self.max_total_tokens)

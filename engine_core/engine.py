@@ -48,7 +48,12 @@ class Engine:
             self.pool, config.max_running_requests, config.max_num_batched_tokens
         )
         self.requests = RequestFactory(
-            self.tokenizer, mc.vocab_size, self.context_length, self.pool, config.seed
+            self.tokenizer,
+            mc.vocab_size,
+            self.context_length,
+            self.pool,
+            config.seed,
+            config.max_requests_per_call,
         )
         self.versions = WeightVersions(config.weight_version, model_path)
         self.outputs = OutputBuilder(self.tokenizer, self.requests.release, self._version)

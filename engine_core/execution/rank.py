@@ -59,7 +59,7 @@ class Rank:
         self.tp = tp or TPContext()
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config, model_cfg)
-        self.model, attention, self.matmul = build_model(
+        self.model, attention, self.deterministic_matmul = build_model(
             config, model_cfg, self.tp, context_length, self.dtype
         )
         load_weights(self.model, iter_checkpoint(config.model_path), require_complete=True)
@@ -70,7 +70,9 @@ class Rank:
         self.memory = RankMemory(self.model, self.kv, self.device, self.refit)
 
     def info(self) -> RankInfo:
-        return RankInfo(self.kv.num_pages, str(self.dtype).replace("torch.", ""), self.matmul)
+        return RankInfo(
+            self.kv.num_pages, str(self.dtype).replace("torch.", ""), self.deterministic_matmul
+        )
 
     # ---------------------------------------------------------------- steps
     def execute(self, plan: StepPlan) -> StepResult | None:

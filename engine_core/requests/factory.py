@@ -2,7 +2,9 @@
 
 Validation is all-or-nothing for a batch: every prompt, sampling dict and flag is checked (and
 tokenized) before any request exists, so a bad item raises ``InvalidRequestError`` naming the
-field and value and nothing is queued.
+field and value and nothing is queued. One call may expand to at most
+``EngineConfig.max_requests_per_call`` requests (batch size x ``n``); the count is checked before
+the prompts are tokenized or any request is built, so an oversized call fails at once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from engine_core.config import DEFAULT_MAX_REQUESTS_PER_CALL
 from engine_core.errors import InvalidRequestError
 from engine_core.requests.generate_request import GenerateItem, GenerateRequest
 from engine_core.requests.request import Request
@@ -40,12 +43,19 @@ class RequestFactory:
     """Builds requests for one engine; owns the unseeded-request RNG and the in-flight ids."""
 
     def __init__(
-        self, tokenizer: Any, vocab_size: int, context_length: int, pool: PagePool, seed: int
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        context_length: int,
+        pool: PagePool,
+        seed: int,
+        max_requests_per_call: int = DEFAULT_MAX_REQUESTS_PER_CALL,
     ):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.context_length = context_length
         self.pool = pool
+        self.max_requests_per_call = max_requests_per_call
         self._rng = random.Random(seed)
         self._arrival = itertools.count()
         self._lock = threading.Lock()
@@ -58,16 +68,32 @@ class RequestFactory:
 
     def build(self, request: GenerateRequest) -> tuple[list[Request], bool]:
         """Validate everything, then create one request per sample; returns (requests, batch?)."""
-        items = request.items()
+        batch = request.batch_size
         field = "prompt" if request.is_text else "input_ids"
-        specs = [self._spec(item, field) for item in items]
-        return self._expand(specs), request.batch_size is not None
+        limit = self.max_requests_per_call
+        check_request_count(batch or 1, limit, field, f"<{batch} prompts>")
+        items = request.items()
+        sps = [
+            SamplingParams.from_dict(item.sampling_params, f"sampling_params{item.where}")
+            for item in items
+        ]
+        total = sum(sp.n for sp in sps)  # checked before anything is tokenized or built
+        count_field = "sampling_params.n" if batch is None else f"{field} x sampling_params.n"
+        check_request_count(total, limit, count_field, total)
+        specs = [self._spec(item, sp, field) for item, sp in zip(items, sps)]
+        return self._expand(specs), batch is not None
 
-    def _spec(self, item: GenerateItem, field: str) -> SeqSpec:
+    def _spec(self, item: GenerateItem, sp: SamplingParams, field: str) -> SeqSpec:
         where = item.where
         ids = self._tokenize(item.input, f"{field}{where}")
-        sp = SamplingParams.from_dict(item.sampling_params, f"sampling_params{where}")
-        check_logprob_args(item.return_logprob, item.logprob_start_len, item.top_logprobs_num)
+        check_logprob_args(
+            item.return_logprob,
+            item.logprob_start_len,
+            item.top_logprobs_num,
+            "",
+            self.vocab_size,
+        )
+        check_rid(item.rid, f"rid{where}")
         self._check_fits(ids, sp, where)
         return SeqSpec(
             ids, sp, item.rid, item.return_logprob, item.logprob_start_len, item.top_logprobs_num
@@ -104,8 +130,6 @@ class RequestFactory:
         reqs = []
         for spec in specs:
             base = spec.rid if spec.rid is not None else uuid.uuid4().hex
-            if not isinstance(base, str):
-                raise InvalidRequestError("rid", base, "must be a str")
             for i in range(spec.params.n):
                 rid = base if spec.params.n == 1 else f"{base}-{i}"
                 reqs.append(self._new_request(spec, rid, i))
@@ -151,10 +175,32 @@ def check_ids(ids: Any, field: str, vocab_size: int) -> list[int]:
     return ids
 
 
-def check_logprob_args(return_logprob: Any, start: Any, top_n: Any, field: str = "") -> None:
+def check_logprob_args(
+    return_logprob: Any, start: Any, top_n: Any, field: str, vocab_size: int
+) -> None:
+    """``logprob_start_len`` past the prompt just reports no input logprobs; more top
+    logprobs than the vocabulary has tokens cannot be reported."""
     if not isinstance(return_logprob, bool):
         raise InvalidRequestError(f"{field}return_logprob", return_logprob, "must be a bool")
     if isinstance(start, bool) or not isinstance(start, int) or start < -1:
         raise InvalidRequestError(f"{field}logprob_start_len", start, "must be an int >= -1")
-    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
-        raise InvalidRequestError(f"{field}top_logprobs_num", top_n, "must be an int >= 0")
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or not 0 <= top_n <= vocab_size:
+        raise InvalidRequestError(
+            f"{field}top_logprobs_num", top_n, f"must be an int in [0, vocab size {vocab_size}]"
+        )
+
+
+def check_rid(rid: Any, field: str) -> None:
+    if rid is not None and not isinstance(rid, str):
+        raise InvalidRequestError(field, rid, "must be a str (or None)")
+
+
+def check_request_count(total: int, limit: int, field: str, value: Any) -> None:
+    """Reject a call that would expand to more than ``limit`` requests (batch size x n)."""
+    if total > limit:
+        raise InvalidRequestError(
+            field,
+            value,
+            f"one generate call may make at most max_requests_per_call={limit} requests "
+            f"(batch size x n; an EngineConfig option), this one makes {total}",
+        )

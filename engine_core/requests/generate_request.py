@@ -38,6 +38,8 @@ class GenerateRequest:
     def __post_init__(self) -> None:
         if looks_like_sampling_params(self.input_ids):
             self.input_ids, self.sampling_params = self.sampling_params, self.input_ids
+        if not isinstance(self.stream, bool):
+            raise InvalidRequestError("stream", self.stream, "must be a bool")
 
     @classmethod
     def of(cls, *args: Any, **kwargs: Any) -> GenerateRequest:
@@ -76,6 +78,11 @@ class GenerateRequest:
                 raise InvalidRequestError(
                     "prompt", prompt, "must be a non-empty str or list of str"
                 )
+            for i, item in enumerate(prompt):
+                if not isinstance(item, str):
+                    raise InvalidRequestError(
+                        f"prompt[{i}]", item, "must be a str (token ids go in input_ids)"
+                    )
             return len(prompt)
         if not isinstance(input_ids, list) or not input_ids:
             raise InvalidRequestError("input_ids", input_ids, "must be a non-empty list of ints")

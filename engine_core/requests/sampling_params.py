@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,15 +11,27 @@ from engine_core.errors import InvalidRequestError
 
 _INT_KEYS = ("max_new_tokens", "top_k", "n")
 _FLOAT_KEYS = ("temperature", "top_p", "min_p")
+_BOOL_KEYS = ("ignore_eos", "skip_special_tokens")
+_INT64_MAX = (1 << 63) - 1
+# Temperatures in (0, GREEDY_BELOW) sample as greedy, as in SGLang: dividing the logits by
+# them overflows float32 (NaN probabilities) long before the draw differs from the argmax.
+GREEDY_BELOW = 1e-5
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
 class SamplingParams:
     """How to sample one request. ``temperature == 0`` means greedy.
 
-    ``top_k <= 0`` (SGLang uses -1) disables top-k. ``sampling_seed`` makes the draws a pure
-    function of (seed, position), independent of batch partners; unseeded requests get a seed
-    from the engine's own generator (``EngineConfig.seed``).
+    ``top_k < 0`` (SGLang uses -1; stored as -1) disables top-k. ``0 < temperature < 1e-5``
+    samples greedily (as in SGLang). ``sampling_seed`` makes the draws a pure function of (seed,
+    position), independent of batch partners; unseeded requests get a seed from the engine's
+    own generator (``EngineConfig.seed``). Every field is type-checked: a wrong type or range
+    raises ``InvalidRequestError`` naming ``sampling_params.<key>``. How many samples one call
+    may ask for (``n`` x batch size) is bounded by ``EngineConfig.max_requests_per_call``.
     """
 
     max_new_tokens: int = 128
@@ -58,28 +71,56 @@ class SamplingParams:
     def _normalize(self, prefix: str) -> None:
         for key in _INT_KEYS:
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not _is_int(value):
                 raise InvalidRequestError(f"{prefix}.{key}", value, "must be an int")
         for key in _FLOAT_KEYS:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InvalidRequestError(f"{prefix}.{key}", value, "must be a number")
-            setattr(self, key, float(value))
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float range
+                number = math.inf
+            if not math.isfinite(number):
+                raise InvalidRequestError(f"{prefix}.{key}", value, "must be a finite number")
+            setattr(self, key, number)
+        for key in _BOOL_KEYS:
+            value = getattr(self, key)
+            if not isinstance(value, bool):
+                raise InvalidRequestError(f"{prefix}.{key}", value, "must be a bool")
         self._check_ranges(prefix)
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidRequestError(f"{prefix}.stop", self.stop, "must be non-empty strings")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+        if 0.0 < self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
+        if self.top_k < 0:
+            self.top_k = -1
+        self.stop = self._check_stop(prefix)
+        self.stop_token_ids = self._check_stop_token_ids(prefix)
+        if self.sampling_seed is not None and not _is_int(self.sampling_seed):
             raise InvalidRequestError(
-                f"{prefix}.stop_token_ids", self.stop_token_ids, "must be ints"
+                f"{prefix}.sampling_seed", self.sampling_seed, "must be an int or None"
             )
-        if self.sampling_seed is not None and (
-            isinstance(self.sampling_seed, bool) or not isinstance(self.sampling_seed, int)
-        ):
+
+    def _check_stop(self, prefix: str) -> list[str]:
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)):
             raise InvalidRequestError(
-                f"{prefix}.sampling_seed", self.sampling_seed, "must be an int"
+                f"{prefix}.stop", stop, "must be a str or a list of non-empty str"
             )
+        if not all(isinstance(s, str) and s for s in stop):
+            raise InvalidRequestError(f"{prefix}.stop", stop, "must be non-empty strings")
+        return list(stop)
+
+    def _check_stop_token_ids(self, prefix: str) -> list[int]:
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)):
+            raise InvalidRequestError(
+                f"{prefix}.stop_token_ids", ids, "must be a list of token ids (ints >= 0)"
+            )
+        if not all(_is_int(t) and t >= 0 for t in ids):
+            raise InvalidRequestError(f"{prefix}.stop_token_ids", ids, "must be ints >= 0")
+        return list(ids)
 
     def _check_ranges(self, prefix: str) -> None:
         if self.max_new_tokens < 0:
@@ -90,9 +131,9 @@ class SamplingParams:
             raise InvalidRequestError(f"{prefix}.temperature", self.temperature, "must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"{prefix}.top_p", self.top_p, "must be in (0, 1]")
-        if self.top_k == 0:
+        if self.top_k == 0 or self.top_k > _INT64_MAX:
             raise InvalidRequestError(
-                f"{prefix}.top_k", self.top_k, "must be > 0, or -1 to disable"
+                f"{prefix}.top_k", self.top_k, "must be in [1, 2**63), or -1 to disable"
             )
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError(f"{prefix}.min_p", self.min_p, "must be in [0, 1]")

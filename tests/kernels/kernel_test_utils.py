@@ -92,3 +92,50 @@ def dense_attention(batch: dict, scale: float) -> torch.Tensor:
         scores = scores.masked_fill(~mask, float("-inf"))
         outs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vb))
     return torch.cat(outs)
+
+
+# ------------------------------------------------------------ BLAS probes (matmul tests) ------
+#
+# A BLAS is deterministic for a given call shape (and thread count), but which kernel -- and
+# so which rounding -- a row gets can depend on the number of rows M *and* on the row's
+# position inside one call (register blocks, edge kernels): numpy's OpenBLAS 0.3.31 on an AMD
+# EPYC (Zen 3) rounds rows 6..11 and 18..31 of a (32, 64) @ (64, 64) sgemm differently from
+# rows 0..5. Equalities that need more than "same shape, same position" are only asserted
+# where these probes find the BLAS position-invariant.
+
+
+def tile_rows_position_invariant(linear, tile_m: int, k: int, n: int, dtype, seed: int = 0):
+    """True when ``linear`` on one ``tile_m``-row tile gives a row the same bits at every
+    position inside the tile, whatever its partners (zeros or random rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
+    row = torch.randn(1, k, generator=gen).to(dtype)
+    ref = linear(row, w)[0]
+    for pos in range(tile_m):
+        for partners in (torch.zeros(tile_m, k), torch.randn(tile_m, k, generator=gen)):
+            tile = partners.to(dtype)
+            tile[pos] = row[0]
+            if not torch.equal(linear(tile, w)[pos], ref):
+                return False
+    return True
+
+
+def numpy_dot_position_invariant(block_m: int, block_k: int, block_n: int, seed: int = 0):
+    """The same probe for the ``np.matmul`` the Triton interpreter runs for one ``tl.dot`` of
+    fixed ``(block_m, block_k) @ (block_k, block_n)`` fp32 tiles (fp32 accumulator added)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    b = rng.standard_normal((block_k, block_n)).astype(np.float32)
+    acc = np.zeros((block_m, block_n), dtype=np.float32)
+    row = rng.standard_normal(block_k).astype(np.float32)
+    ref = None
+    for pos in range(block_m):
+        for partners in (np.zeros((block_m, block_k)), rng.standard_normal((block_m, block_k))):
+            a = partners.astype(np.float32)
+            a[pos] = row
+            got = (np.matmul(a, b, dtype=np.float32) + acc)[pos]
+            ref = got if ref is None else ref
+            if not np.array_equal(got, ref):
+                return False
+    return True
