@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 from engine_core.config import EngineConfig
@@ -105,13 +105,17 @@ class Engine:
         if request.stream:
             chunks: queue.SimpleQueue = queue.SimpleQueue()
             self._submit_stream(reqs, is_batch, chunks.put)
-            return iter(chunks.get, None)
+            return _stream(chunks, lambda: self.requests.release([reqs[0].rid]))
         sinks = [BlockingSink(self.outputs.final) for _ in reqs]
         self._submit(reqs, sinks)
         for sink in sinks:
             while not sink.done.wait(timeout=1.0):
                 if not self.loop.alive:
                     raise EngineStoppedError("engine loop died; see the log for its error")
+        error = next((sink.error for sink in sinks if sink.error is not None), None)
+        if error is not None:
+            self.requests.release(r.rid for r in reqs)  # their outputs never got built
+            raise error
         outputs = [sink.output for sink in sinks]
         return outputs if is_batch or len(outputs) > 1 else outputs[0]
 
@@ -127,10 +131,14 @@ class Engine:
             self._submit_stream(
                 reqs, is_batch, lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)
             )
-            return _drain(chunks)
+            return _drain(chunks, lambda: self.requests.release([reqs[0].rid]))
         sinks = [FutureSink(self.outputs.final, loop) for _ in reqs]
         self._submit(reqs, sinks)
-        outputs = list(await asyncio.gather(*(s.future for s in sinks)))
+        try:
+            outputs = list(await asyncio.gather(*(s.future for s in sinks)))
+        except BaseException:
+            self.requests.release(r.rid for r in reqs)  # their outputs never got built
+            raise
         return outputs if is_batch or len(outputs) > 1 else outputs[0]
 
     def _submit_stream(self, reqs: list[Request], is_batch: bool, push) -> None:
@@ -326,6 +334,19 @@ class Engine:
         self.shutdown()
 
 
-async def _drain(chunks: asyncio.Queue) -> AsyncIterator[dict[str, Any]]:
+def _stream(chunks: queue.SimpleQueue, release) -> Iterator[dict[str, Any]]:
+    """Chunks until the end marker; a failure the sink reported is raised (``release``
+    frees the request's id, whose final chunk never got built)."""
+    while (chunk := chunks.get()) is not None:
+        if isinstance(chunk, BaseException):
+            release()
+            raise chunk
+        yield chunk
+
+
+async def _drain(chunks: asyncio.Queue, release) -> AsyncIterator[dict[str, Any]]:
     while (chunk := await chunks.get()) is not None:
+        if isinstance(chunk, BaseException):
+            release()
+            raise chunk
         yield chunk

@@ -115,18 +115,24 @@ class StreamState:
 
 
 class BlockingSink:
-    """Collects the final output; ``wait`` blocks the caller's thread."""
+    """Collects the final output (or the error that prevented it); the caller waits on
+    ``done``."""
 
     def __init__(self, finalize: Finalize) -> None:
         self.finalize = finalize
         self.done = threading.Event()
         self.output: dict[str, Any] | None = None
+        self.error: BaseException | None = None
 
     def on_progress(self, req: Request) -> None:
         pass
 
     def on_finish(self, req: Request, text: str) -> None:
         self.output = self.finalize(req, text)
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
         self.done.set()
 
 
@@ -147,6 +153,10 @@ class StreamSink:
         self.push(self.delta(req, self.state, True, text))
         self.push(None)
 
+    def fail(self, error: BaseException) -> None:
+        self.push(error)  # the consumer raises it
+        self.push(None)
+
 
 class FutureSink:
     """Resolves an asyncio future on the caller's event loop."""
@@ -161,9 +171,16 @@ class FutureSink:
 
     def on_finish(self, req: Request, text: str) -> None:
         output = self.finalize(req, text)
-        self.loop.call_soon_threadsafe(_resolve, self.future, output)
+        self.loop.call_soon_threadsafe(_resolve, self.future, output, None)
+
+    def fail(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(_resolve, self.future, None, error)
 
 
-def _resolve(future: asyncio.Future, output: dict[str, Any]) -> None:
-    if not future.done():
+def _resolve(future: asyncio.Future, output: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
         future.set_result(output)

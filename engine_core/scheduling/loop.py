@@ -28,6 +28,7 @@ class Sink(Protocol):
 
     def on_progress(self, req: Request) -> None: ...
     def on_finish(self, req: Request, text: str) -> None: ...
+    def fail(self, error: BaseException) -> None: ...
 
 
 class StepGate(Protocol):
@@ -257,5 +258,9 @@ class EngineLoop:
             return
         try:
             sink.on_finish(req, self.decode(req) if text is None else text)
-        except Exception:  # a broken sink (e.g. closed event loop) must not stop the engine
-            log.exception("output sink for %s failed", req.rid)
+        except Exception as exc:  # a broken output must not stop the engine or strand its caller
+            log.exception("output of %s failed", req.rid)
+            try:
+                sink.fail(exc)
+            except Exception:  # e.g. the caller's event loop is closed: nobody is waiting
+                log.exception("could not report the failure of %s", req.rid)

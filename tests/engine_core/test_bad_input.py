@@ -405,3 +405,30 @@ def test_random_calls_leave_the_engine_as_it_was(fuzzed):
     logprobs it gave before them."""
     engine, before = fuzzed
     assert _signature(engine.generate(**REFERENCE)) == _signature(before)
+
+
+@pytest.mark.parametrize("mode", ["blocking", "async", "stream"])
+def test_a_failing_output_reaches_the_caller(model_dir, mode):
+    """A request whose output cannot be built raises in the caller instead of leaving it
+    waiting forever; the engine keeps serving."""
+    import asyncio
+
+    with Engine(model_dir("llama"), device="cpu") as eng:
+        ok = eng.generate(input_ids=[1, 2, 3], sampling_params=OK, rid="r")
+        real_final, real_delta = eng.outputs.final, eng.outputs.delta
+
+        def broken(*args):
+            raise RuntimeError("output builder broke")
+
+        eng.outputs.final = eng.outputs.delta = broken
+        call = dict(input_ids=[1, 2, 3], sampling_params=OK, rid="r")
+        with pytest.raises(RuntimeError, match="output builder broke"):
+            if mode == "blocking":
+                eng.generate(**call)
+            elif mode == "async":
+                asyncio.run(eng.async_generate(**call))
+            else:
+                list(eng.generate(**call, stream=True))
+        eng.outputs.final, eng.outputs.delta = real_final, real_delta
+        again = eng.generate(input_ids=[1, 2, 3], sampling_params=OK, rid="r")  # id free again
+        assert again["output_ids"] == ok["output_ids"]
