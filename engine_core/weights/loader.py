@@ -83,11 +83,38 @@ def expected_keys(model: nn.Module) -> set[Key]:
     return keys
 
 
-def _target(modules: dict[str, nn.Module], name: str, tensor: torch.Tensor, key: Key) -> Part:
+def hf_name(model: nn.Module, key: Key) -> str:
+    """The HF name of (module path, leaf, shard id): ``owner_key``'s inverse."""
+    path, leaf, shard = key
+    if shard is None:
+        return f"{path}.{leaf}"
+    unpacked = {(fused, sid): hf for hf, (fused, sid) in model.packed_modules.items()}
+    parent, _, last = path.rpartition(".")
+    return f"{parent}.{unpacked[(last, shard)]}.{leaf}"
+
+
+def hf_names(model: nn.Module) -> list[str]:
+    """Every HF parameter name the model loads (fused layers split back into q/k/v, gate/up;
+    a tied LM head is left out: it is ``model.embed_tokens.weight``), in module order."""
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    shard_order = {None: 0, "q": 0, "k": 1, "v": 2, 0: 0, 1: 1}  # HF order within a fused layer
+    keys = sorted(
+        expected_keys(model), key=lambda k: (order[k[0]], shard_order[k[2]], k[1] != "weight")
+    )
+    names = [hf_name(model, key) for key in keys]
+    return [n for n in names if not n.endswith(SKIPPED_SUFFIXES)]
+
+
+def _target(model: nn.Module, name: str, tensor: torch.Tensor, key: Key) -> Part:
     path, leaf, shard_id = key
-    module = modules.get(path)
-    if not isinstance(module, WeightOwner) or leaf not in module.loaded_leaves():
+    module = owner_of(model, path)
+    if module is None or leaf not in module.loaded_leaves():
         raise ModelLoadError(f"unexpected weight {name!r}: the model has no such parameter")
+    if shard_id not in module.shard_ids():
+        parts = [hf_name(model, (path, leaf, sid)) for sid in module.shard_ids()]
+        raise ModelLoadError(
+            f"weight {name!r} is the engine's fused parameter; send its HF parts {parts}"
+        )
     try:
         dst, src = module.shard_target(leaf, tensor, shard_id)
     except (ValueError, RuntimeError, IndexError) as exc:
@@ -139,7 +166,6 @@ def stage_weights(
     tied = model.config.tie_word_embeddings
     parts: list[Part] = []
     seen: dict[Key, str] = {}
-    modules = dict(model.named_modules())
     for name, tensor in named_tensors:
         if name.endswith(SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
@@ -153,7 +179,7 @@ def stage_weights(
         if key in seen:
             raise ModelLoadError(f"weight {name!r} given twice (also as {seen[key]!r})")
         seen[key] = name
-        parts.append(_target(modules, name, tensor, key))
+        parts.append(_target(model, name, tensor, key))
     if require_complete:
         missing = expected_keys(model) - set(seen)
         if missing:

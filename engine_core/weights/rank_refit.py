@@ -25,9 +25,8 @@ import torch.distributed as dist
 
 from engine_core.errors import ModelLoadError
 from engine_core.weights.loader import (
-    SKIPPED_SUFFIXES,
     checkpoint_files,
-    expected_keys,
+    hf_names,
     owner_key,
     owner_of,
     param_view,
@@ -43,8 +42,6 @@ from weight_sync.checksum import tensor_checksum
 from weight_sync.staging import StagingArena
 
 log = logging.getLogger(__name__)
-
-_SHARD_ORDER = {None: 0, "q": 0, "k": 1, "v": 2, 0: 0, 1: 1}  # HF order within a fused layer
 
 
 @dataclass
@@ -293,19 +290,3 @@ class RankRefit:
         self.discard_held()
         for name in list(self.members):
             self.destroy_group(name)
-
-
-def hf_names(model: torch.nn.Module) -> list[str]:
-    """Every HF parameter name the model loads (fused layers split back into q/k/v, gate/up;
-    a tied LM head is left out: it is ``model.embed_tokens.weight``), in module order."""
-    unpacked = {(fused, shard): hf for hf, (fused, shard) in model.packed_modules.items()}
-    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
-    names = []
-    keys = sorted(
-        expected_keys(model), key=lambda k: (order[k[0]], _SHARD_ORDER[k[2]], k[1] != "weight")
-    )
-    for path, leaf, shard in keys:
-        parent, _, last = path.rpartition(".")
-        hf = unpacked.get((last, shard))
-        names.append(f"{parent}.{hf}.{leaf}" if hf else f"{path}.{leaf}")
-    return [n for n in names if not n.endswith(SKIPPED_SUFFIXES)]

@@ -1,0 +1,1 @@
+"""The trainer's side of training-serving alignment: ``PolicyModel`` (see docs/ALIGNMENT.md)."""
