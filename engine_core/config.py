@@ -62,6 +62,9 @@ class EngineConfig:
     # complete update becomes the weights' storage. True keeps the idle buffer for the next
     # refit (no allocation, ~1 model of memory per rank); False frees it after every commit.
     keep_refit_staging: bool = True
+    # torch threads of the engine's process (None: torch's default; with TP, the cores split
+    # evenly over the ranks). A trainer whose logprobs must match bit for bit uses the same.
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         self._check_choice("dtype", self.dtype, DTYPES)
@@ -83,6 +86,8 @@ class EngineConfig:
         self._check_positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
         if self.context_length is not None:
             self._check_positive("context_length", self.context_length)
+        if self.num_threads is not None:
+            self._check_positive("num_threads", self.num_threads)
         if not isinstance(self.seed, int):
             raise InvalidConfigError("seed", self.seed, "must be an int")
         self._check_control()

@@ -117,6 +117,10 @@ class RankClient:
 def start_ranks(config: EngineConfig, model_cfg: ModelConfig, context_length: int) -> RankClient:
     """The ranks of one engine: in this process for tp_size 1, else one process each."""
     if config.tp_size == 1:
+        if config.num_threads is not None:
+            import torch
+
+            torch.set_num_threads(config.num_threads)  # this process computes the rank
         return RankClient(LocalRanks(Rank(config, model_cfg, context_length)))
     return RankClient(TPRanks(config, model_cfg, context_length))
 
@@ -156,6 +160,7 @@ class TPRanks:
         ctx = mp.get_context("spawn")
         size = config.tp_size
         threads = max(1, (os.cpu_count() or 1) // size) if config.device == "cpu" else 1
+        threads = config.num_threads or threads
         group = {"port": _free_port(), "name": f"tp-{uuid.uuid4().hex[:12]}", "size": size}
         self.conns = []
         self.procs = []
