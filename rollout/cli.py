@@ -1,5 +1,5 @@
-"""Command line: ``rollout demo`` (local rollout on the default model), ``rollout serve`` and
-``rollout generate`` (the Ray service from a YAML in ``configs/``).
+"""Command line: ``rollout demo`` (GRPO on the default model; ``--sample-only``: a rollout),
+``rollout serve`` and ``rollout generate`` (the Ray service from a YAML in ``configs/``).
 
     rollout serve --config configs/local.yaml
     rollout generate --config configs/local.yaml --prompts prompts.jsonl --output out.jsonl
@@ -140,12 +140,21 @@ def cmd_serve(args: argparse.Namespace, stop: threading.Event | None = None) -> 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rollout")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="local rollout on the embedded default model")
+    demo = sub.add_parser("demo", help="GRPO on the embedded default model (the main job)")
     demo.add_argument("--model-path", default=None, help="HF directory (default: SmolLM2-135M)")
-    demo.add_argument("--n", type=int, default=2, help="samples per prompt")
-    demo.add_argument("--max-new-tokens", type=int, default=48)
-    demo.add_argument("--engines", type=int, default=2, help="engine actors (Ray service)")
-    demo.add_argument("--in-process", action="store_true", help="one Engine, no Ray")
+    demo.add_argument("--steps", type=int, default=10, help="GRPO steps")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--disaggregated",
+        action="store_true",
+        help="engines and trainer on separate simulated nodes, refits over a gloo group",
+    )
+    demo.add_argument("--plot", default="grpo_demo.png", help="PNG of reward and tok/s per step")
+    demo.add_argument("--sample-only", action="store_true", help="only a rollout, no training")
+    demo.add_argument("--n", type=int, default=2, help="--sample-only: samples per prompt")
+    demo.add_argument("--max-new-tokens", type=int, default=48, help="--sample-only")
+    demo.add_argument("--engines", type=int, default=2, help="--sample-only: engine actors")
+    demo.add_argument("--in-process", action="store_true", help="--sample-only: no Ray")
     serve = sub.add_parser("serve", help="run the Ray rollout service until interrupted")
     _add_service_args(serve)
     gen = sub.add_parser("generate", help="roll out a JSONL of prompts through the service")
@@ -163,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "demo" and not args.sample_only:
+        from rollout.demo import run_rl_demo
+
+        run_rl_demo(args.model_path, args.steps, args.disaggregated, args.seed, args.plot)
+        return 0
     if args.command == "demo":
         from rollout.demo import run_demo
 

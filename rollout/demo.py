@@ -1,9 +1,10 @@
-"""The README's main job: a local rollout on the embedded default model.
+"""The README's main job: GRPO on the embedded default model (``rollout demo``).
 
-Converts SmolLM2-135M-Instruct once (see ``engine_core.default_model``), deploys the rollout
-service locally (Ray on loopback, two engine actors, the driver sharding prompt groups), runs a
-small GRPO-style rollout (n samples per prompt, with logprobs) and prints the samples and
-throughput. ``--in-process`` runs the same rollout on one ``Engine`` without Ray.
+``run_rl_demo`` trains SmolLM2-135M-Instruct (converted once, see ``engine_core.default_model``)
+with the loop in ``rollout.rl.loop``: engines and a trainer actor on Ray, rollouts with zero-KL
+logprobs, sleep/wake, a refit per step; one row per step and a PNG plot at the end.
+``run_demo`` (``rollout demo --sample-only``) only samples: a rollout through the service (or
+one in-process ``Engine``) with its samples and throughput.
 """
 
 from __future__ import annotations
@@ -94,3 +95,36 @@ def run_demo(
         f"(including start-up): {tokens / elapsed:.1f} tok/s"
     )
     return {"samples": len(outputs), "tokens": tokens, "seconds": elapsed}
+
+
+def run_rl_demo(
+    model_path: str | None = None,
+    steps: int = 10,
+    disaggregated: bool = False,
+    seed: int = 0,
+    plot_path: str = "grpo_demo.png",
+) -> dict[str, Any]:
+    """GRPO on the rollout service; prints a row per step and the plot's path."""
+    import os
+
+    from rollout.rl.loop import GRPOConfig, run_grpo
+
+    cfg = GRPOConfig(
+        model_path=model_path,
+        steps=steps,
+        disaggregated=disaggregated,
+        seed=seed,
+        plot_path=plot_path,
+    )
+    result = run_grpo(cfg, report=lambda line: print(line, flush=True))
+    rows = result["rows"]
+    first, last = rows[0]["reward"], sum(r["reward"] for r in rows[-3:]) / len(rows[-3:])
+    worst = max(r["logprob_diff"] for r in rows)
+    print(
+        f"\nreward {first:.3f} -> {last:.3f} (mean of the last 3 steps); "
+        f"max |rollout - trainer logprob| over every token of every step: {worst}; "
+        f"{result['seconds']:.0f} s in all"
+    )
+    if result["plot"]:
+        print(f"plot: {os.path.abspath(result['plot'])}")
+    return result

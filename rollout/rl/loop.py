@@ -22,7 +22,7 @@ from typing import Any
 import ray
 
 from rollout.rl.grpo import group_advantages
-from rollout.rl.task import Prompt, make_prompts, reward
+from rollout.rl.task import PICK_A_NUMBER, Prompt, Task
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class GRPOConfig:
     n: int = 4
     max_new_tokens: int = 6
     temperature: float = 1.0
-    lr: float = 3e-5
+    lr: float = 2e-4
     trainable_layers: int = 2
     disaggregated: bool = False
     seed: int = 0
@@ -152,7 +152,10 @@ class _Deployment:
 
 
 def run_grpo(
-    cfg: GRPOConfig, report: Callable[[str], None] = print, progress: bool | None = None
+    cfg: GRPOConfig,
+    report: Callable[[str], None] = print,
+    progress: bool | None = None,
+    task: Task = PICK_A_NUMBER,
 ) -> dict[str, Any]:
     """Run the loop; ``report`` gets the header and one line per step. Returns the rows, the
     trainer's info and the plot's path."""
@@ -163,7 +166,7 @@ def run_grpo(
     started = time.perf_counter()
     path = cfg.model_path or ensure_default_model()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    pool = make_prompts(max(32, cfg.prompts_per_step), cfg.seed)
+    pool = task.make(max(32, cfg.prompts_per_step), cfg.seed)
     deployment = _Deployment(cfg, path)
     rows: list[StepRow] = []
     try:
@@ -178,7 +181,7 @@ def run_grpo(
         for step in range(cfg.steps):
             start = step * cfg.prompts_per_step % len(pool)
             prompts = [pool[(start + i) % len(pool)] for i in range(cfg.prompts_per_step)]
-            row = _step(cfg, deployment, tokenizer, prompts, step, progress)
+            row = _step(cfg, deployment, tokenizer, task, prompts, step, progress)
             rows.append(row)
             report(row.line())
     finally:
@@ -194,11 +197,14 @@ def run_grpo(
 
 
 def _chat_ids(tokenizer, prompt: Prompt) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):  # a base model: the text as it is
+        return tokenizer.encode(prompt.text)
     messages = [{"role": "user", "content": prompt.text}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text)  # as the engine tokenizes a text prompt
 
 
-def _step(cfg: GRPOConfig, dep: _Deployment, tokenizer, prompts, step, progress) -> StepRow:
+def _step(cfg: GRPOConfig, dep: _Deployment, tokenizer, task, prompts, step, progress) -> StepRow:
     ids = [_chat_ids(tokenizer, p) for p in prompts]
     params = {
         "n": cfg.n,
@@ -216,7 +222,7 @@ def _step(cfg: GRPOConfig, dep: _Deployment, tokenizer, prompts, step, progress)
     aborted = [o for o in outs if o["meta_info"]["finish_reason"]["type"] == "abort"]
     if aborted:
         raise RuntimeError(f"{len(aborted)} requests aborted: {aborted[0]['meta_info']}")
-    rewards = [reward(o["text"], prompts[i // cfg.n]) for i, o in enumerate(outs)]
+    rewards = [task.reward(o["text"], prompts[i // cfg.n]) for i, o in enumerate(outs)]
     sequences = [ids[i // cfg.n] + o["output_ids"] for i, o in enumerate(outs)]
     prompt_lens = [len(ids[i // cfg.n]) for i in range(len(outs))]
     rollout_lps = [[lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]] for o in outs]
