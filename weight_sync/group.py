@@ -1,7 +1,12 @@
 """A standalone process group for weight transfer, separate from the engine's TP group.
 
-The group owns its own ``TCPStore`` (hosted by rank 0), a ``PrefixStore`` keyed by
-``group_name`` and a ``ProcessGroupGloo`` (CPU) or ``ProcessGroupNCCL`` (CUDA). It is never
+The group owns its own ``TCPStore`` (hosted by rank 0), ``PrefixStore``s keyed by
+``group_name`` and a ``ProcessGroupGloo`` (CPU) or ``ProcessGroupNCCL`` (CUDA). The store keys
+are laid out exactly as the stock trainer recipe lays them out (SGLang's tests, verl, slime,
+OpenRLHF, AReaL: ``rendezvous("tcp://addr:port")``, ``PrefixStore(group_name, store)``, then
+torch's ``_new_process_group_helper``, which prefixes ``f"{group_name}/"`` and the device
+type), so a trainer built that way joins the group an engine forms here, and the other way
+round. It is never
 registered with ``torch.distributed``'s default world, so it coexists with whatever group the
 engine or trainer already uses. Collectives are called on the group object directly because
 ``dist.broadcast(src=...)`` rejects unregistered groups.
@@ -188,6 +193,12 @@ def create_group(
     ``timeout_s`` bounds the rendezvous and every later collective. Raises
     ``WeightSyncTimeout``/``WeightSyncError`` on failure; nothing is left running then.
     """
+    try:
+        master_port = int(master_port)  # callers pass it as a string too (JSON, CLI)
+    except (TypeError, ValueError):
+        raise ValueError(f"invalid master_port={master_port!r}: must be a port number") from None
+    if not 0 < master_port < 65536:
+        raise ValueError(f"invalid master_port={master_port}: must be in 1..65535")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of size {world_size}")
     if backend not in ("gloo", "nccl"):
@@ -199,7 +210,10 @@ def create_group(
     where = f"weight-sync group {group_name!r} (rank {rank}/{world_size})"
     try:
         store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=timeout)
-        prefixed = dist.PrefixStore(group_name, store)
+        # The stock recipe's layout: PrefixStore(group_name), then _new_process_group_helper's
+        # f"{group_name}/" and device-type prefixes (gloo runs on "cpu", NCCL on "cuda").
+        named = dist.PrefixStore(f"{group_name}/", dist.PrefixStore(group_name, store))
+        prefixed = dist.PrefixStore("cpu/" if backend == "gloo" else "cuda/", named)
         if backend == "gloo":
             dev = torch.device("cpu") if device is None else torch.device(device)
             pg = _gloo(prefixed, rank, world_size, timeout, master_address, local_address)

@@ -42,6 +42,12 @@ _SHAPE_FIELDS = (
 )
 
 
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16``, ``"torch.bfloat16"`` and ``"bfloat16"`` all name ``"bfloat16"``."""
+    text = str(dtype)
+    return text[len("torch.") :] if text.startswith("torch.") else text
+
+
 class WeightVersions:
     """The engine's weight version, and the checkpoint it can re-read them from (written by
     the ``Refitter`` only; read by the memory controller to know whether weights restore)."""
@@ -169,7 +175,7 @@ class Refitter:
         if plan is None:
             if dtypes is None or shapes is None or not len(names) == len(dtypes) == len(shapes):
                 raise ValueError("names, dtypes and shapes must be lists of equal length")
-            metas = list(zip(names, dtypes, shapes))
+            metas = list(zip(names, [dtype_name(d) for d in dtypes], shapes))
         elif version is None:
             version = str(plan.weight_version)
         if self.held is not None:
