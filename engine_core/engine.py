@@ -10,6 +10,8 @@ temperature (1.0 when greedy) -- what a trainer recomputes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import queue
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
@@ -27,17 +29,27 @@ from engine_core.requests.request import Request
 from engine_core.scheduling.loop import EngineLoop
 from engine_core.scheduling.page_pool import PagePool
 from engine_core.scheduling.scheduler import Scheduler
+from engine_core.sglang_args import kv_budget_bytes, log_no_effect
 from engine_core.tokenizer import load_tokenizer
 from engine_core.weights.payloads import RefitSegments
 from engine_core.weights.refitter import DEFAULT_GROUP, Refitter, WeightVersions
 
 
 class Engine:
-    """One inference engine: ``Engine(model_path, **EngineConfig fields)``."""
+    """One inference engine: ``Engine(model_path, **kwargs)`` with ``EngineConfig`` fields or
+    SGLang's ``ServerArgs`` names (``engine_core.sglang_args``; ``model_path`` may be a keyword,
+    as in ``sglang.Engine(model_path=...)``)."""
 
     def __init__(self, model_path: str, **kwargs: Any) -> None:
-        self.config = config = EngineConfig.from_kwargs(model_path, **kwargs)
+        translated = EngineConfig.translate(model_path, kwargs)
+        config = EngineConfig.from_translated(model_path, translated)
+        if "log_level" in translated.given:
+            _set_log_level(translated.given["log_level"])
+        log_no_effect(translated.no_effect)
         self.model_config = mc = load_model_config(model_path)
+        if config.mem_fraction_static is not None and config.max_total_tokens is None:
+            config = dataclasses.replace(config, kv_cache_memory_bytes=kv_budget_bytes(config, mc))
+        self.config = config
         self.context_length = self._context_length()
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(model_path)
         check_tp_divisibility(mc.num_heads, mc.num_kv_heads, mc.intermediate_size, config.tp_size)
@@ -332,6 +344,12 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _set_log_level(level: Any) -> None:
+    """SGLang's ``log_level`` (validated by ``sglang_args.translate``): the level of the
+    ``engine_core`` loggers."""
+    logging.getLogger("engine_core").setLevel(str(level).upper())
 
 
 def _stream(chunks: queue.SimpleQueue, release) -> Iterator[dict[str, Any]]:
