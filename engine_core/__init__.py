@@ -13,6 +13,7 @@ from engine_core.errors import (
     EngineStoppedError,
     InvalidConfigError,
     InvalidRequestError,
+    MemoryStateError,
     ModelLoadError,
 )
 from engine_core.requests.generate_request import GenerateRequest
@@ -30,6 +31,7 @@ __all__ = [
     "ModelLoadError",
     "EngineStoppedError",
     "EngineReleasedError",
+    "MemoryStateError",
 ]
 
 

@@ -26,7 +26,10 @@ def default_device() -> str:
 class EngineConfig:
     """Knobs of one engine. Names follow SGLang where it has one, else vLLM.
 
-    KV capacity comes from ``max_total_tokens`` when set, else from ``kv_cache_memory_bytes``.
+    KV capacity comes from ``max_total_tokens`` when set, else from ``mem_fraction_static``
+    (SGLang's: that fraction of the device memory -- on CPU the available RAM -- minus the
+    weights, resolved when the engine starts), else from ``kv_cache_memory_bytes``.
+    ``Engine(**kwargs)`` also takes SGLang's ``ServerArgs`` names (``engine_core.sglang_args``).
     ``dtype="auto"`` means the checkpoint dtype on CUDA and float32 on CPU (bf16 matmul on an
     AVX2-only CPU is ~100x slower than fp32).
     """
@@ -37,6 +40,7 @@ class EngineConfig:
     page_size: int = 16
     max_total_tokens: int | None = None
     kv_cache_memory_bytes: int = 512 << 20
+    mem_fraction_static: float | None = None
     max_running_requests: int = 64
     max_num_batched_tokens: int = 2048
     # Bound on batch size x n of one generate call (more raises InvalidRequestError at once).
@@ -84,6 +88,13 @@ class EngineConfig:
                     "max_total_tokens", self.max_total_tokens, f"below page_size={self.page_size}"
                 )
         self._check_positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
+        fraction = self.mem_fraction_static
+        if fraction is not None and (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not 0 < fraction <= 1
+        ):
+            raise InvalidConfigError("mem_fraction_static", fraction, "must be a number in (0, 1]")
         if self.context_length is not None:
             self._check_positive("context_length", self.context_length)
         if self.num_threads is not None:
@@ -122,14 +133,26 @@ class EngineConfig:
 
     @classmethod
     def from_kwargs(cls, model_path: str, **kwargs: object) -> EngineConfig:
-        """Build from kwargs, rejecting unknown keys by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in kwargs:
-            if key not in known:
-                raise InvalidConfigError(
-                    key, kwargs[key], f"unknown engine option; known: {sorted(known)}"
-                )
-        return cls(model_path=model_path, **kwargs)  # type: ignore[arg-type]
+        """Build from EngineConfig field names or SGLang ``ServerArgs`` names
+        (``engine_core.sglang_args``), rejecting unknown keys by name."""
+        return cls.from_translated(model_path, cls.translate(model_path, kwargs))
+
+    @classmethod
+    def translate(cls, model_path: str, kwargs: dict[str, object]):
+        from engine_core.sglang_args import translate
+
+        return translate(model_path, kwargs, {f.name for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def from_translated(cls, model_path: str, translated) -> EngineConfig:
+        """An error about a field set through an SGLang name names that name too."""
+        try:
+            return cls(model_path=model_path, **translated.engine)  # type: ignore[arg-type]
+        except InvalidConfigError as exc:
+            alias = translated.aliases.get(exc.field)
+            if alias is None:
+                raise
+            raise InvalidConfigError(f"{alias} (-> {exc.field})", exc.value, exc.reason) from None
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)

@@ -10,34 +10,58 @@ temperature (1.0 when greedy) -- what a trainer recomputes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib.metadata
+import logging
 import queue
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 from engine_core.config import EngineConfig
 from engine_core.control.engine_memory import MemoryController, normalize_tags
-from engine_core.errors import EngineStoppedError, InvalidRequestError
+from engine_core.errors import EngineStoppedError, InvalidRequestError, ModelLoadError
 from engine_core.execution.rank_client import start_ranks
 from engine_core.model_config import load_model_config
 from engine_core.parallel import check_tp_divisibility
 from engine_core.requests.factory import RequestFactory
 from engine_core.requests.generate_request import GenerateRequest, takes_generate_request
-from engine_core.requests.outputs import BlockingSink, FutureSink, OutputBuilder, StreamSink
+from engine_core.requests.outputs import (
+    BlockingSink,
+    FlushCacheOutput,
+    FutureSink,
+    OutputBuilder,
+    StreamSink,
+)
 from engine_core.requests.request import Request
 from engine_core.scheduling.loop import EngineLoop
 from engine_core.scheduling.page_pool import PagePool
 from engine_core.scheduling.scheduler import Scheduler
+from engine_core.sglang_args import kv_budget_bytes, log_no_effect, server_args_view
 from engine_core.tokenizer import load_tokenizer
 from engine_core.weights.payloads import RefitSegments
 from engine_core.weights.refitter import DEFAULT_GROUP, Refitter, WeightVersions
 
+log = logging.getLogger(__name__)
+LOAD_FORMATS = (None, "auto", "safetensors")
+
 
 class Engine:
-    """One inference engine: ``Engine(model_path, **EngineConfig fields)``."""
+    """One inference engine: ``Engine(model_path, **kwargs)`` with ``EngineConfig`` fields or
+    SGLang's ``ServerArgs`` names (``engine_core.sglang_args``; ``model_path`` may be a keyword,
+    as in ``sglang.Engine(model_path=...)``)."""
 
     def __init__(self, model_path: str, **kwargs: Any) -> None:
-        self.config = config = EngineConfig.from_kwargs(model_path, **kwargs)
+        translated = EngineConfig.translate(model_path, kwargs)
+        self.server_args_given = translated.given  # SGLang names as given (get_server_info)
+        config = EngineConfig.from_translated(model_path, translated)
+        if "log_level" in translated.given:
+            _set_log_level(translated.given["log_level"])
+        log_no_effect(translated.no_effect)
         self.model_config = mc = load_model_config(model_path)
+        if config.mem_fraction_static is not None and config.max_total_tokens is None:
+            config = dataclasses.replace(config, kv_cache_memory_bytes=kv_budget_bytes(config, mc))
+        self.config = config
+        self.served = {"model_path": model_path, "load_format": translated.given.get("load_format")}
         self.context_length = self._context_length()
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(model_path)
         check_tp_divisibility(mc.num_heads, mc.num_kv_heads, mc.intermediate_size, config.tp_size)
@@ -165,8 +189,12 @@ class Engine:
             self.loop.abort(rid)
 
     def get_server_info(self) -> dict[str, Any]:
+        """Engine state (``config``, ``model``, ``memory``, counters), plus SGLang's flat keys:
+        every ``ServerArgs`` name of ``engine_core.sglang_args`` (the value in effect here),
+        ``max_total_num_tokens``, ``max_req_input_len``, ``internal_states`` and ``version``."""
         stats = self.loop.stats
-        return {
+        throughput = stats.generated_tokens / stats.busy_seconds if stats.busy_seconds else 0.0
+        ours = {
             "config": self.config.to_dict(),
             "model": self.model_config.__dict__ | {"context_length": self.context_length},
             "weight_version": self.weight_version,
@@ -181,10 +209,64 @@ class Engine:
             **self.loop.pause.info(),
             "generated_tokens": stats.generated_tokens,
             "steps": stats.steps,
-            "decode_throughput": stats.generated_tokens / stats.busy_seconds
-            if stats.busy_seconds
-            else 0.0,
+            "decode_throughput": throughput,
         }
+        sglang = server_args_view(self.config, self.server_args_given) | {
+            "context_length": self.context_length,
+            "model_path": self.served["model_path"],
+            "load_format": self.served["load_format"] or "auto",
+            "served_model_name": self.get_model_info()["served_model_name"],
+            "max_req_input_len": min(self.context_length, self.pool.capacity_tokens) - 1,
+            "internal_states": [
+                {
+                    "last_gen_throughput": throughput,
+                    "memory_usage": {"token_capacity": self.pool.capacity_tokens},
+                    "weight_version": self.weight_version,
+                }
+            ],
+            "version": _package_version(),
+        }
+        return sglang | ours  # our keys win (same meaning where both have one)
+
+    def get_model_info(self) -> dict[str, Any]:
+        """SGLang's ``get_model_info``: what this engine serves now (``model_path`` and
+        ``load_format`` follow the last successful ``update_weights_from_disk``)."""
+        given = self.server_args_given
+        return {
+            "model_path": self.served["model_path"],
+            "tokenizer_path": None if self.tokenizer is None else self.config.model_path,
+            "served_model_name": given.get("served_model_name") or self.config.model_path,
+            "is_generation": True,
+            "weight_version": self.weight_version,
+            "load_format": self.served["load_format"],
+            "reasoning_parser": given.get("reasoning_parser"),
+            "tool_call_parser": given.get("tool_call_parser"),
+            "preferred_sampling_params": given.get("preferred_sampling_params"),
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "model_type": self.model_config.model_type,
+            "architectures": [self.model_config.architecture],
+        }
+
+    def flush_cache(self) -> FlushCacheOutput:
+        """SGLang's ``flush_cache``: succeeds only when no request is running or waiting (else
+        ``success=False`` with the counts, and a warning). There is no prefix cache yet, so an
+        idle flush has nothing to drop."""
+
+        def check() -> FlushCacheOutput:
+            waiting, running = len(self.scheduler.waiting), len(self.scheduler.running)
+            if waiting or running:
+                message = (
+                    "Cache not flushed because there are pending requests. "
+                    f"#queue-req: {waiting}, #running-req: {running}"
+                )
+                return FlushCacheOutput(False, message)
+            return FlushCacheOutput(True, "")
+
+        result = self.loop.call(check)
+        if not result.success:
+            log.warning(result.message)
+        return result
 
     @property
     def weight_version(self) -> str:
@@ -197,11 +279,42 @@ class Engine:
 
     # ------------------------------------------------------------------ refits (Refitter)
     # ``flush_cache`` is accepted everywhere for SGLang's callers; there is no prefix cache to
-    # flush yet, so it has no effect.
-    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> dict:
+    # flush yet, so it has no effect. SGLang's refit verbs return ``(success, message, ...)``
+    # tuples (``update_weights_from_disk``: ``(success, message, num_paused_requests)``); these
+    # return dicts with ``success`` and raise on failure (weights and version unchanged).
+    def update_weights_from_disk(
+        self,
+        model_path: str,
+        load_format: str | None = None,
+        weight_version: str | None = None,
+        *,
+        flush_cache: bool = True,
+        abort_all_requests: bool = False,
+        is_async: bool = False,
+        torch_empty_cache: bool = False,
+        keep_pause: bool = False,
+        recapture_cuda_graph: bool = False,
+        token_step: int = 0,
+        manifest: dict | None = None,
+    ) -> dict:
         """Reload weights from a safetensors checkpoint of the same architecture (never pickles).
-        Atomic: on any error the old weights and version stay. Returns ``{"success", ...}``."""
-        return self.refitter.from_disk(model_path, weight_version)
+        Atomic: on any error the old weights and version stay. Returns ``{"success", ...}``.
+
+        SGLang's arguments: ``load_format`` None / ``"auto"`` / ``"safetensors"``;
+        ``abort_all_requests`` aborts what is in flight first; ``manifest`` must be None; the
+        others (cache, CUDA-graph and pause knobs, ``is_async``: it returns once committed)
+        have nothing to do here."""
+        if load_format not in LOAD_FORMATS:
+            raise ModelLoadError(
+                f"load_format={load_format!r}: only safetensors checkpoints load ({LOAD_FORMATS})"
+            )
+        if manifest is not None:
+            raise ModelLoadError("manifest: not supported (the checkpoint's files are read)")
+        if abort_all_requests:
+            self.abort_request(abort_all=True)
+        result = self.refitter.from_disk(model_path, weight_version)
+        self.served = {"model_path": model_path, "load_format": load_format}
+        return result
 
     def update_weights_from_tensor(
         self,
@@ -278,8 +391,10 @@ class Engine:
         """Leave the group on every rank (drops an update held from it); idempotent."""
         return self.refitter.destroy_group(group_name)
 
-    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[float]:
-        """First ``truncate_size`` values of HF-named parameter ``name`` (this rank's shard)."""
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        """HF-named parameter ``name`` as SGLang returns it: ``tolist()`` of its first
+        ``truncate_size`` rows (dim 0), so a matrix gives a list of rows, a vector a list of
+        floats (this rank's shard with TP; ``ModelLoadError`` for an unknown name)."""
         return self.refitter.weight_values(name, truncate_size)
 
     def get_weights_checksum(self, names: Sequence[str] | None = None) -> dict[str, str]:
@@ -293,20 +408,23 @@ class Engine:
 
     # ------------------------------------------------------------------ RL control
     def release_memory_occupation(self, tags: Iterable[str] | str | None = None) -> dict:
-        """Free the engine's ``tags`` memory ("weights", "kv_cache"; None: both) on every TP
-        rank, between two steps (``control.engine_memory``). Running requests are retracted
-        first when the KV cache goes; until resumed, generating raises ``EngineReleasedError``
-        (or waits: ``generate_while_released="wait"``)."""
-        chosen = normalize_tags(tags)
-        return self.loop.call(lambda: self.memory.release(chosen))
+        """Free the engine's ``tags`` memory ("weights", "kv_cache"; None: both; SGLang's
+        "cuda_graph" is accepted and has nothing to free) on every TP rank, between two steps
+        (``control.engine_memory``). Running requests are retracted first when the KV cache
+        goes; until resumed, generating raises ``EngineReleasedError`` (or waits:
+        ``generate_while_released="wait"``). Releasing what is already released raises
+        ``MemoryStateError`` (SGLang's memory saver fails the engine then)."""
+        chosen, explicit = normalize_tags(tags), tags is not None
+        return self.loop.call(lambda: self.memory.release_requested(chosen, explicit))
 
     def resume_memory_occupation(
         self, tags: Iterable[str] | str | None = None, weights: str = "auto"
     ) -> dict:
-        """Re-allocate ``tags`` (None: both). ``weights``: ``"auto"`` | ``"host"`` |
-        ``"checkpoint"`` | ``"empty"`` (see ``control.engine_memory``)."""
-        chosen = normalize_tags(tags)
-        return self.loop.call(lambda: self.memory.resume(chosen, weights))
+        """Re-allocate ``tags`` (None: whatever is released). ``weights``: ``"auto"`` |
+        ``"host"`` | ``"checkpoint"`` | ``"empty"`` (see ``control.engine_memory``). Resuming
+        what is not released raises ``MemoryStateError`` (SGLang's scheduler fails then)."""
+        chosen, explicit = normalize_tags(tags), tags is not None
+        return self.loop.call(lambda: self.memory.resume_requested(chosen, explicit, weights))
 
     def pause_generation(self, mode: str = "abort") -> dict:
         """Stop generating: ``"abort"`` | ``"retract"`` | ``"in_place"`` (see
@@ -332,6 +450,19 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _set_log_level(level: Any) -> None:
+    """SGLang's ``log_level`` (validated by ``sglang_args.translate``): the level of the
+    ``engine_core`` loggers."""
+    logging.getLogger("engine_core").setLevel(str(level).upper())
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("rl-rollout")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _stream(chunks: queue.SimpleQueue, release) -> Iterator[dict[str, Any]]:

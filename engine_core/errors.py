@@ -44,5 +44,10 @@ class EngineReleasedError(RuntimeError):
     refit; resume it (or refit) before generating."""
 
 
+class MemoryStateError(ValueError):
+    """``release_memory_occupation`` of memory already released by the caller, or
+    ``resume_memory_occupation`` of memory that is not released (nothing changed)."""
+
+
 class EngineStoppedError(RuntimeError):
     """The engine was shut down (or its loop died) before the request could be served."""

@@ -32,6 +32,7 @@ class ModelConfig:
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+    model_type: str = ""  # config.json's (SGLang's get_model_info reports it)
 
     @property
     def q_size(self) -> int:
@@ -120,4 +121,5 @@ def load_model_config(model_path: str) -> ModelConfig:
         sliding_window=int(sliding) if sliding else None,
         eos_token_ids=_eos_ids(model_path, cfg),
         torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+        model_type=str(cfg.get("model_type") or ""),
     )

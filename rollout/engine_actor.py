@@ -71,12 +71,24 @@ class EngineActor:
     def __init__(
         self,
         model_path: str,
-        engine_kwargs: dict[str, Any],
+        engine_kwargs: dict[str, Any] | None = None,
         registry: tuple[str, str] | None = None,
         index: int = 0,
+        **kwargs: Any,
     ) -> None:
+        """``EngineActor.remote(model_path, engine_kwargs_dict, registry, index)`` (the service)
+        or, as ``sglang.Engine``, ``EngineActor.remote(model_path, **engine_kwargs)``."""
+        if engine_kwargs is not None and not isinstance(engine_kwargs, dict):
+            raise TypeError(
+                f"engine_kwargs must be a dict of engine options, not {engine_kwargs!r}"
+            )
+        both = set(engine_kwargs or {}) & set(kwargs)
+        if both:
+            raise TypeError(
+                f"engine options given twice (engine_kwargs and keywords): {sorted(both)}"
+            )
         self._model_path = model_path
-        self._kwargs = dict(engine_kwargs)
+        self._kwargs = {**(engine_kwargs or {}), **kwargs}
         self._index = index
         self._reconstructed = _reconstructed()
         # New on every (re)start: a restarted actor left every weight-update group it was in.
@@ -183,11 +195,20 @@ class EngineActor:
         except Exception as exc:
             raise _portable(exc) from None
 
-    async def update_weights_from_disk(self, model_path: str, weight_version: str | None = None):
-        """Load weights from a checkpoint directory (``Engine.update_weights_from_disk``)."""
+    async def update_weights_from_disk(
+        self, model_path: str, weight_version: str | None = None, **kwargs: Any
+    ):
+        """Load weights from a checkpoint directory (``Engine.update_weights_from_disk``; its
+        SGLang keywords such as ``load_format`` pass through)."""
         return await self._forward(
-            "update_weights_from_disk", model_path, weight_version=weight_version
+            "update_weights_from_disk", model_path, weight_version=weight_version, **kwargs
         )
+
+    async def flush_cache(self):
+        return await self._forward("flush_cache")
+
+    async def get_model_info(self):
+        return await self._forward("get_model_info")
 
     async def update_weights_from_tensor(self, *args: Any, **kwargs: Any):
         return await self._forward("update_weights_from_tensor", *args, **kwargs)

@@ -26,7 +26,7 @@ from typing import Any
 
 from engine_core.config import EngineConfig
 from engine_core.control.rank_memory import TAGS, WEIGHT_SOURCES
-from engine_core.errors import EngineReleasedError
+from engine_core.errors import EngineReleasedError, MemoryStateError
 from engine_core.execution.rank_client import RankClient
 from engine_core.scheduling.scheduler import Scheduler
 from engine_core.weights.refitter import WeightVersions
@@ -34,14 +34,20 @@ from engine_core.weights.refitter import WeightVersions
 log = logging.getLogger(__name__)
 
 
+# SGLang's third tag: its CUDA graphs' memory. This engine captures none, so the tag is accepted
+# and tracked (release / resume must pair up, as in SGLang) but frees nothing.
+CUDA_GRAPH = "cuda_graph"
+
+
 def normalize_tags(tags: Iterable[str] | str | None) -> set[str]:
-    """``None`` means every tag; unknown tags raise ValueError naming them."""
+    """``None`` means every tag holding memory here; unknown tags raise ValueError naming
+    them."""
     if tags is None:
         return set(TAGS)
     chosen = {tags} if isinstance(tags, str) else set(tags)
-    unknown = chosen - set(TAGS)
+    unknown = chosen - set(TAGS) - {CUDA_GRAPH}
     if unknown:
-        raise ValueError(f"unknown memory tags {sorted(unknown)}; known: {list(TAGS)}")
+        raise ValueError(f"unknown memory tags {sorted(unknown)}; known: {[*TAGS, CUDA_GRAPH]}")
     return chosen
 
 
@@ -80,6 +86,7 @@ class MemoryController:
         self.asleep = False  # an idle release completed and no wake since
         self.wake_latencies: deque[float] = deque(maxlen=32)
         self.last_release_s = 0.0
+        self.graph_released = False  # SGLang's "cuda_graph" tag (nothing behind it here)
 
     # ---------------------------------------------------------------- queries (any thread)
     def runnable(self) -> bool:
@@ -130,6 +137,36 @@ class MemoryController:
         }
 
     # ---------------------------------------------------------------- loop thread
+    def release_requested(self, tags: set[str], explicit: bool) -> dict[str, Any]:
+        """A caller's release (``Engine.release_memory_occupation``): memory the caller already
+        released raises ``MemoryStateError`` (with None, only when everything is); memory the
+        idle timer released becomes the caller's. None (not ``explicit``) includes
+        ``cuda_graph``, as SGLang's."""
+        tags = tags if explicit else tags | {CUDA_GRAPH}
+        held = self.released - self.idle_released
+        again = sorted(t for t in tags if t in held or (t == CUDA_GRAPH and self.graph_released))
+        if again and (explicit or len(again) == len(tags)):
+            raise MemoryStateError(
+                f"memory {again} is already released; resume_memory_occupation() first"
+            )
+        if CUDA_GRAPH in tags:
+            self.graph_released = True
+        return self.release(tags - {CUDA_GRAPH})
+
+    def resume_requested(self, tags: set[str], explicit: bool, weights: str) -> dict[str, Any]:
+        """A caller's resume: tags named that are not released raise ``MemoryStateError``; with
+        None, whatever is released is resumed (and nothing released raises)."""
+        tags = tags if explicit else tags | {CUDA_GRAPH}
+        released = set(self.released) | ({CUDA_GRAPH} if self.graph_released else set())
+        missing = sorted(tags - released) if explicit else []
+        if missing or not (tags & released):
+            raise MemoryStateError(
+                f"memory {missing or sorted(tags)} is not released; nothing to resume"
+            )
+        if CUDA_GRAPH in tags:
+            self.graph_released = False
+        return self.resume(tags - {CUDA_GRAPH}, weights)
+
     def release(self, tags: set[str], idle: bool = False) -> dict[str, Any]:
         """Free ``tags`` on every rank. KV first retracts running requests (their tokens are
         kept; they recompute their KV after resume)."""

@@ -122,8 +122,9 @@ class Rank:
     def get_weight(self, name: str) -> torch.Tensor:
         return param_view(self.model, name)
 
-    def get_weight_values(self, name: str, truncate_size: int) -> list[float]:
-        return self.get_weight(name).flatten()[:truncate_size].float().tolist()
+    def get_weight_values(self, name: str, truncate_size: int) -> list:
+        """SGLang's shape: ``tolist()`` of the first ``truncate_size`` rows (dim 0)."""
+        return self.get_weight(name)[:truncate_size].float().tolist()
 
     # ---------------------------------------------------------------- trainer refits
     def init_group(self, *args: Any) -> int:

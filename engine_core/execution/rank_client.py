@@ -60,7 +60,7 @@ class RankClient:
     def discard_weights(self) -> None:
         self._on_all(Rank.discard_weights)
 
-    def get_weight_values(self, name: str, truncate_size: int) -> list[float]:
+    def get_weight_values(self, name: str, truncate_size: int) -> list:
         return self._on_all(Rank.get_weight_values, name, truncate_size)
 
     # ---- trainer refits

@@ -26,7 +26,8 @@ def sample_step(logits: torch.Tensor, plan: StepPlan) -> StepResult:
     logprobs = torch.log_softmax(logits / temps, dim=-1)
     target_t = torch.tensor(targets, dtype=torch.long, device=dev).unsqueeze(1)
     chosen = logprobs.gather(1, target_t).squeeze(1).tolist()
-    return StepResult(tokens, chosen, top_logprobs(logprobs, plan.top_logprobs))
+    tops = top_logprobs(logprobs, plan.top_logprobs)
+    return StepResult(tokens, chosen, tops, token_ids_logprobs(logprobs, plan.token_ids))
 
 
 def sample_tokens(logits: torch.Tensor, plan: StepPlan) -> list[int]:
@@ -60,3 +61,17 @@ def top_logprobs(logprobs: torch.Tensor, nums: list[int]) -> list[list[tuple[flo
     values, indices = logprobs.topk(k, dim=-1)
     values, indices = values.tolist(), indices.tolist()
     return [list(zip(values[i][:n], indices[i][:n])) for i, n in enumerate(nums)]
+
+
+def token_ids_logprobs(
+    logprobs: torch.Tensor, ids_per_row: list[list[int] | None]
+) -> list[list[tuple[float, int]] | None]:
+    """SGLang's ``token_ids_logprob``: the logprobs of given token ids at each row."""
+    out: list[list[tuple[float, int]] | None] = []
+    for row, ids in enumerate(ids_per_row):
+        if ids is None:
+            out.append(None)
+            continue
+        index = torch.tensor(ids, dtype=torch.long, device=logprobs.device)
+        out.append(list(zip(logprobs[row].index_select(0, index).tolist(), ids)))
+    return out

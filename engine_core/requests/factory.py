@@ -37,6 +37,7 @@ class SeqSpec:
     return_logprob: bool
     logprob_start_len: int
     top_logprobs_num: int
+    token_ids_logprob: list[int] | None = None
 
 
 class RequestFactory:
@@ -94,9 +95,18 @@ class RequestFactory:
             self.vocab_size,
         )
         check_rid(item.rid, f"rid{where}")
+        token_ids = item.token_ids_logprob
+        if token_ids is not None:
+            token_ids = check_ids(token_ids, f"token_ids_logprob{where}", self.vocab_size)
         self._check_fits(ids, sp, where)
         return SeqSpec(
-            ids, sp, item.rid, item.return_logprob, item.logprob_start_len, item.top_logprobs_num
+            ids,
+            sp,
+            item.rid,
+            item.return_logprob,
+            item.logprob_start_len,
+            item.top_logprobs_num,
+            list(token_ids) if token_ids is not None else None,
         )
 
     def _tokenize(self, item: Any, field: str) -> list[int]:
@@ -156,11 +166,13 @@ class RequestFactory:
             return_logprob=spec.return_logprob,
             logprob_start_len=spec.logprob_start_len,
             top_logprobs_num=spec.top_logprobs_num,
+            token_ids_logprob=spec.token_ids_logprob if spec.return_logprob else None,
             max_new_tokens=min(sp.max_new_tokens, self.context_length - len(spec.prompt_ids)),
         )
         if req.return_logprob and req.input_logprob_start == 0:
             req.input_logprobs.append(None)  # the first token has no context to score it
             req.input_top_logprobs.append(None)
+            req.input_token_ids_logprobs.append(None)
         return req
 
 

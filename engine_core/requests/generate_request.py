@@ -17,29 +17,107 @@ from typing import Any
 from engine_core.errors import InvalidRequestError
 
 
+def _empty(value: Any) -> bool:
+    """None, False, or a (nested) list of those: SGLang's "not given" for per-item args."""
+    if isinstance(value, list):
+        return all(_empty(v) for v in value)
+    return value is None or value is False
+
+
+def _dp_rank(value: Any) -> bool:
+    # SGLang ignores rank 0 when dp_size is 1 and rejects any other rank as out of range.
+    return value is None or (type(value) is int and value == 0)
+
+
+# SGLang generate arguments this engine cannot honour: accepted while they ask for nothing
+# (None / False / empty), else InvalidRequestError naming the field.
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "image_data": (_empty, "text only"),
+    "audio_data": (_empty, "text only"),
+    "video_data": (_empty, "text only"),
+    "mm_hashes": (_empty, "text only"),
+    "mm_content_hashes": (_empty, "text only"),
+    "lora_path": (_empty, "no LoRA"),
+    "custom_logit_processor": (_empty, "no custom logit processors"),
+    "require_reasoning": (_empty, "no reasoning models"),
+    "return_hidden_states": (_empty, "no hidden states are returned"),
+    "return_routed_experts": (_empty, "no MoE models"),
+    "bootstrap_host": (_empty, "no prefill/decode disaggregation"),
+    "bootstrap_port": (_empty, "no prefill/decode disaggregation"),
+    "bootstrap_room": (_empty, "no prefill/decode disaggregation"),
+    "routed_dp_rank": (_dp_rank, "one data-parallel rank (dp_size 1): only 0"),
+    "data_parallel_rank": (_dp_rank, "one data-parallel rank (dp_size 1): only 0"),
+    "disagg_prefill_dp_rank": (_dp_rank, "no prefill/decode disaggregation"),
+    "session_params": (_empty, "no sessions: send the whole prompt"),
+}
+# Accepted whatever their value, as SGLang's defaults treat them: priority without priority
+# scheduling, a cache salt or session id without a prefix cache, trace headers without tracing.
+NO_EFFECT = (
+    "routed_experts_start_len",
+    "external_trace_header",
+    "priority",
+    "session_id",
+    "cache_salt",
+    "kv_router_hint",
+)
+
+
 @dataclass
 class GenerateRequest:
     """SGLang's ``generate`` arguments (``prompt`` or ``input_ids``, one or a batch).
 
     ``sampling_params``, ``return_logprob``, ``logprob_start_len``, ``top_logprobs_num`` and
-    ``rid`` are one value for every prompt or a list of one per prompt. SGLang's positional
-    order ``(prompt, sampling_params, input_ids)`` is accepted too.
+    ``rid`` are one value for every prompt or a list of one per prompt; ``None`` means SGLang's
+    default (``False`` / ``-1``: no prompt logprobs / ``0``). ``token_ids_logprob`` (with
+    ``return_logprob``): token ids whose logprobs are reported at every position, one list for
+    every prompt or a list of lists. SGLang's positional order ``(prompt, sampling_params,
+    input_ids)`` is accepted too. SGLang's other arguments (``image_data``, ``lora_path``, ...)
+    are accepted while they ask for nothing; a value raises ``InvalidRequestError`` naming the
+    field (``UNSUPPORTED``).
     """
 
     prompt: Any = None
     input_ids: Any = None
     sampling_params: Any = None
     return_logprob: Any = False
-    logprob_start_len: Any = -1
-    top_logprobs_num: Any = 0
+    logprob_start_len: Any = None
+    top_logprobs_num: Any = None
     rid: Any = None
     stream: bool = False
+    image_data: Any = None
+    audio_data: Any = None
+    video_data: Any = None
+    mm_hashes: Any = None
+    mm_content_hashes: Any = None
+    token_ids_logprob: Any = None
+    lora_path: Any = None
+    custom_logit_processor: Any = None
+    require_reasoning: Any = False
+    return_hidden_states: Any = False
+    return_routed_experts: Any = False
+    routed_experts_start_len: Any = 0
+    bootstrap_host: Any = None
+    bootstrap_port: Any = None
+    bootstrap_room: Any = None
+    routed_dp_rank: Any = None
+    disagg_prefill_dp_rank: Any = None
+    data_parallel_rank: Any = None
+    external_trace_header: Any = None
+    session_params: Any = None
+    priority: Any = None
+    session_id: Any = None
+    cache_salt: Any = None
+    kv_router_hint: Any = None
 
     def __post_init__(self) -> None:
         if looks_like_sampling_params(self.input_ids):
             self.input_ids, self.sampling_params = self.sampling_params, self.input_ids
         if not isinstance(self.stream, bool):
             raise InvalidRequestError("stream", self.stream, "must be a bool")
+        for name, (accepted, note) in UNSUPPORTED.items():
+            value = getattr(self, name)
+            if not accepted(value):
+                raise InvalidRequestError(name, value, f"not supported by this engine: {note}")
 
     @classmethod
     def of(cls, *args: Any, **kwargs: Any) -> GenerateRequest:
@@ -103,10 +181,20 @@ class GenerateRequest:
                 "rid",
             )
         ]
-        return [
-            GenerateItem(i, batch is not None, inputs[i], *(column[i] for column in columns))
+        token_ids = token_ids_per_item(self.token_ids_logprob, batch)
+        items = [
+            GenerateItem(
+                i, batch is not None, inputs[i], *(column[i] for column in columns), token_ids[i]
+            )
             for i in range(len(inputs))
         ]
+        for item in items:  # SGLang's None: the defaults
+            item.return_logprob = False if item.return_logprob is None else item.return_logprob
+            item.logprob_start_len = (
+                -1 if item.logprob_start_len is None else item.logprob_start_len
+            )
+            item.top_logprobs_num = 0 if item.top_logprobs_num is None else item.top_logprobs_num
+        return items
 
     def for_items(self, items: list[GenerateItem], rids: list[str] | None = None):
         """A batch request of ``items`` only (e.g. one prompt group sent to one engine)."""
@@ -117,6 +205,7 @@ class GenerateRequest:
             logprob_start_len=[item.logprob_start_len for item in items],
             top_logprobs_num=[item.top_logprobs_num for item in items],
             rid=rids if rids is not None else [item.rid for item in items],
+            token_ids_logprob=[item.token_ids_logprob for item in items],
         )
 
 
@@ -133,6 +222,7 @@ class GenerateItem:
     logprob_start_len: Any
     top_logprobs_num: Any
     rid: Any
+    token_ids_logprob: Any = None
 
     @property
     def where(self) -> str:
@@ -143,6 +233,19 @@ def looks_like_sampling_params(value: Any) -> bool:
     if isinstance(value, dict):
         return True
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def token_ids_per_item(value: Any, batch: int | None) -> list[Any]:
+    """SGLang's broadcast of ``token_ids_logprob``: empty -> None; one id or one list of ids ->
+    the same for every prompt; in a batch, a list of lists -> one per prompt."""
+    if not value and not isinstance(value, int):
+        return [None] * (batch or 1)
+    if not isinstance(value, list):
+        value = [value]
+    if batch is not None and all(v is None or isinstance(v, list) for v in value):
+        items = per_item(value, batch, "token_ids_logprob")
+        return [ids if ids else None for ids in items]
+    return [value] * (batch or 1)
 
 
 def per_item(value: Any, batch: int | None, field: str) -> list[Any]:

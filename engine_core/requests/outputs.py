@@ -5,23 +5,42 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from engine_core.requests.request import Request
 from engine_core.tokenizer import stable_prefix
 
 
-def meta_info(req: Request, weight_version: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FlushCacheOutput:
+    """What ``Engine.flush_cache`` returns: SGLang's ``FlushCacheReqOutput`` fields (also
+    readable as ``result["success"]``, like the other verbs' dicts)."""
+
+    success: bool
+    message: str = ""
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+def meta_info(req: Request, weight_version: str, final: bool = True) -> dict[str, Any]:
+    """SGLang's meta_info keys (and ``weight_versions``, one per output token);
+    ``e2e_latency`` (seconds from submission) only once the request finished, as SGLang."""
     info: dict[str, Any] = {
         "id": req.rid,
         "finish_reason": req.finish_reason,
         "prompt_tokens": len(req.prompt_ids),
         "completion_tokens": len(req.output_ids),
         "cached_tokens": req.cached_tokens,
+        "num_retractions": req.num_retractions,
         "weight_version": weight_version,
         "weight_versions": list(req.output_versions),
     }
+    if final:
+        info["e2e_latency"] = time.monotonic() - req.created_at
     if req.return_logprob:
         info.update(_logprob_fields(req))
     return info
@@ -43,6 +62,14 @@ def _logprob_fields(req: Request) -> dict[str, Any]:
         ]
         fields["output_top_logprobs"] = [
             [(lp, tok, None) for lp, tok in tops] for tops in req.output_top_logprobs
+        ]
+    if req.token_ids_logprob is not None:  # SGLang's keys for token_ids_logprob
+        fields["input_token_ids_logprobs"] = [
+            None if got is None else [(lp, tok, None) for lp, tok in got]
+            for got in req.input_token_ids_logprobs
+        ]
+        fields["output_token_ids_logprobs"] = [
+            [(lp, tok, None) for lp, tok in got] for got in req.output_token_ids_logprobs
         ]
     return fields
 
@@ -97,7 +124,7 @@ class OutputBuilder:
         return {
             "text": new_text,
             "output_ids": new_ids,
-            "meta_info": meta_info(req, self.weight_version()),
+            "meta_info": meta_info(req, self.weight_version(), final),
         }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from engine_core.requests.sampling_params import SamplingParams
@@ -31,6 +32,7 @@ class Request:
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
+    token_ids_logprob: list[int] | None = None  # ids whose logprobs every position reports
     max_new_tokens: int = 0  # params.max_new_tokens clipped to the context length
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
@@ -41,9 +43,12 @@ class Request:
     output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     input_logprobs: list[float | None] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    output_token_ids_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    input_token_ids_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
     output_versions: list[str] = field(default_factory=list)
     finish_reason: dict | None = None
     num_retractions: int = 0
+    created_at: float = field(default_factory=time.monotonic)  # submission (e2e_latency)
 
     @property
     def all_ids(self) -> list[int]:

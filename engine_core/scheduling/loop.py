@@ -215,6 +215,8 @@ class EngineLoop:
                 req.output_logprobs.append(result.logprobs[row_of])  # type: ignore[index]
                 if req.top_logprobs_num > 0:
                     req.output_top_logprobs.append(result.top_logprobs[row_of])
+                if req.token_ids_logprob is not None:
+                    req.output_token_ids_logprobs.append(result.token_ids_logprobs[row_of])
             row_of += 1
             self.stats.generated_tokens += 1
             self._after_token(req, token)
@@ -227,6 +229,8 @@ class EngineLoop:
                 req.input_logprobs.append(result.logprobs[row])  # type: ignore[index]
                 if req.top_logprobs_num > 0:
                     req.input_top_logprobs.append(result.top_logprobs[row])
+                if req.token_ids_logprob is not None:
+                    req.input_token_ids_logprobs.append(result.token_ids_logprobs[row])
                 row += 1
         return row
 

@@ -38,6 +38,7 @@ class StepPlan:
     )  # token scored at each logit row; -1: sampled
     logprob_temps: list[float] = field(default_factory=list)
     top_logprobs: list[int] = field(default_factory=list)
+    token_ids: list[list[int] | None] = field(default_factory=list)  # token_ids_logprob per row
     samples: list[SampleSpec] = field(default_factory=list)
     want_logprobs: bool = False
 
@@ -47,6 +48,8 @@ class StepResult:
     tokens: list[int]  # one per SampleSpec
     logprobs: list[float] | None  # one per logit row (None if not requested)
     top_logprobs: list[list[tuple[float, int]]]  # per logit row, empty when not requested
+    # per logit row: (logprob, id) of the request's token_ids_logprob (None: not asked)
+    token_ids_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
 
 
 def build_plan(chunks: list[Chunk]) -> StepPlan:
@@ -86,4 +89,5 @@ def _add_logit_row(plan: StepPlan, req: Request, row: int, target: int) -> None:
     plan.target_ids.append(target)
     plan.logprob_temps.append(req.params.logprob_temperature)
     plan.top_logprobs.append(req.top_logprobs_num if req.return_logprob else 0)
+    plan.token_ids.append(req.token_ids_logprob if req.return_logprob else None)
     plan.want_logprobs = plan.want_logprobs or req.return_logprob

@@ -244,7 +244,7 @@ class Refitter:
         names = None if names is None else list(names)
         return self.loop.call(lambda: self.ranks.checksums(names))
 
-    def weight_values(self, name: str, truncate_size: int) -> list[float]:
+    def weight_values(self, name: str, truncate_size: int) -> list:
         return self.loop.call(lambda: self.ranks.get_weight_values(name, truncate_size))
 
     def close(self) -> None:
