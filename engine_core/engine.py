@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib.metadata
 import logging
 import queue
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -21,6 +20,7 @@ from engine_core.config import EngineConfig
 from engine_core.control.engine_memory import MemoryController, normalize_tags
 from engine_core.errors import EngineStoppedError, InvalidRequestError, ModelLoadError
 from engine_core.execution.rank_client import start_ranks
+from engine_core.info import model_info, server_info
 from engine_core.model_config import load_model_config
 from engine_core.parallel import check_tp_divisibility
 from engine_core.requests.factory import RequestFactory
@@ -36,7 +36,7 @@ from engine_core.requests.request import Request
 from engine_core.scheduling.loop import EngineLoop
 from engine_core.scheduling.page_pool import PagePool
 from engine_core.scheduling.scheduler import Scheduler
-from engine_core.sglang_args import kv_budget_bytes, log_no_effect, server_args_view
+from engine_core.sglang_args import kv_budget_bytes, log_no_effect
 from engine_core.tokenizer import load_tokenizer
 from engine_core.weights.payloads import RefitSegments
 from engine_core.weights.refitter import DEFAULT_GROUP, Refitter, WeightVersions
@@ -192,61 +192,12 @@ class Engine:
         """Engine state (``config``, ``model``, ``memory``, counters), plus SGLang's flat keys:
         every ``ServerArgs`` name of ``engine_core.sglang_args`` (the value in effect here),
         ``max_total_num_tokens``, ``max_req_input_len``, ``internal_states`` and ``version``."""
-        stats = self.loop.stats
-        throughput = stats.generated_tokens / stats.busy_seconds if stats.busy_seconds else 0.0
-        ours = {
-            "config": self.config.to_dict(),
-            "model": self.model_config.__dict__ | {"context_length": self.context_length},
-            "weight_version": self.weight_version,
-            "num_running_requests": len(self.scheduler.running),
-            "num_waiting_requests": len(self.scheduler.waiting),
-            "num_total_pages": self.pool.num_pages,
-            "num_free_pages": self.pool.num_free,
-            "max_total_num_tokens": self.pool.capacity_tokens,
-            "num_retractions": self.scheduler.stats.num_retractions,
-            "deterministic_matmul": self.rank_info.deterministic_matmul,
-            "memory": self.memory.info(),
-            **self.loop.pause.info(),
-            "generated_tokens": stats.generated_tokens,
-            "steps": stats.steps,
-            "decode_throughput": throughput,
-        }
-        sglang = server_args_view(self.config, self.server_args_given) | {
-            "context_length": self.context_length,
-            "model_path": self.served["model_path"],
-            "load_format": self.served["load_format"] or "auto",
-            "served_model_name": self.get_model_info()["served_model_name"],
-            "max_req_input_len": min(self.context_length, self.pool.capacity_tokens) - 1,
-            "internal_states": [
-                {
-                    "last_gen_throughput": throughput,
-                    "memory_usage": {"token_capacity": self.pool.capacity_tokens},
-                    "weight_version": self.weight_version,
-                }
-            ],
-            "version": _package_version(),
-        }
-        return sglang | ours  # our keys win (same meaning where both have one)
+        return server_info(self)
 
     def get_model_info(self) -> dict[str, Any]:
         """SGLang's ``get_model_info``: what this engine serves now (``model_path`` and
         ``load_format`` follow the last successful ``update_weights_from_disk``)."""
-        given = self.server_args_given
-        return {
-            "model_path": self.served["model_path"],
-            "tokenizer_path": None if self.tokenizer is None else self.config.model_path,
-            "served_model_name": given.get("served_model_name") or self.config.model_path,
-            "is_generation": True,
-            "weight_version": self.weight_version,
-            "load_format": self.served["load_format"],
-            "reasoning_parser": given.get("reasoning_parser"),
-            "tool_call_parser": given.get("tool_call_parser"),
-            "preferred_sampling_params": given.get("preferred_sampling_params"),
-            "has_image_understanding": False,
-            "has_audio_understanding": False,
-            "model_type": self.model_config.model_type,
-            "architectures": [self.model_config.architecture],
-        }
+        return model_info(self)
 
     def flush_cache(self) -> FlushCacheOutput:
         """SGLang's ``flush_cache``: succeeds only when no request is running or waiting (else
@@ -456,13 +407,6 @@ def _set_log_level(level: Any) -> None:
     """SGLang's ``log_level`` (validated by ``sglang_args.translate``): the level of the
     ``engine_core`` loggers."""
     logging.getLogger("engine_core").setLevel(str(level).upper())
-
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("rl-rollout")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _stream(chunks: queue.SimpleQueue, release) -> Iterator[dict[str, Any]]:

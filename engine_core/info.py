@@ -1,0 +1,78 @@
+"""What ``Engine.get_server_info`` and ``get_model_info`` report: the engine's own state and
+SGLang's keys (``engine_core.sglang_args``), read from the engine's parts."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any
+
+from engine_core.sglang_args import server_args_view
+
+
+def server_info(engine: Any) -> dict[str, Any]:
+    """Engine state (``config``, ``model``, ``memory``, counters), plus SGLang's flat keys:
+    every ``ServerArgs`` name of ``engine_core.sglang_args`` (the value in effect here),
+    ``max_total_num_tokens``, ``max_req_input_len``, ``internal_states`` and ``version``."""
+    stats = engine.loop.stats
+    throughput = stats.generated_tokens / stats.busy_seconds if stats.busy_seconds else 0.0
+    ours = {
+        "config": engine.config.to_dict(),
+        "model": engine.model_config.__dict__ | {"context_length": engine.context_length},
+        "weight_version": engine.weight_version,
+        "num_running_requests": len(engine.scheduler.running),
+        "num_waiting_requests": len(engine.scheduler.waiting),
+        "num_total_pages": engine.pool.num_pages,
+        "num_free_pages": engine.pool.num_free,
+        "max_total_num_tokens": engine.pool.capacity_tokens,
+        "num_retractions": engine.scheduler.stats.num_retractions,
+        "deterministic_matmul": engine.rank_info.deterministic_matmul,
+        "memory": engine.memory.info(),
+        **engine.loop.pause.info(),
+        "generated_tokens": stats.generated_tokens,
+        "steps": stats.steps,
+        "decode_throughput": throughput,
+    }
+    sglang = server_args_view(engine.config, engine.server_args_given) | {
+        "context_length": engine.context_length,
+        "model_path": engine.served["model_path"],
+        "load_format": engine.served["load_format"] or "auto",
+        "served_model_name": model_info(engine)["served_model_name"],
+        "max_req_input_len": min(engine.context_length, engine.pool.capacity_tokens) - 1,
+        "internal_states": [
+            {
+                "last_gen_throughput": throughput,
+                "memory_usage": {"token_capacity": engine.pool.capacity_tokens},
+                "weight_version": engine.weight_version,
+            }
+        ],
+        "version": package_version(),
+    }
+    return sglang | ours  # our keys win (same meaning where both have one)
+
+
+def model_info(engine: Any) -> dict[str, Any]:
+    """SGLang's ``get_model_info``: what this engine serves now (``model_path`` and
+    ``load_format`` follow the last successful ``update_weights_from_disk``)."""
+    given = engine.server_args_given
+    return {
+        "model_path": engine.served["model_path"],
+        "tokenizer_path": None if engine.tokenizer is None else engine.config.model_path,
+        "served_model_name": given.get("served_model_name") or engine.config.model_path,
+        "is_generation": True,
+        "weight_version": engine.weight_version,
+        "load_format": engine.served["load_format"],
+        "reasoning_parser": given.get("reasoning_parser"),
+        "tool_call_parser": given.get("tool_call_parser"),
+        "preferred_sampling_params": given.get("preferred_sampling_params"),
+        "has_image_understanding": False,
+        "has_audio_understanding": False,
+        "model_type": engine.model_config.model_type,
+        "architectures": [engine.model_config.architecture],
+    }
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("rl-rollout")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
