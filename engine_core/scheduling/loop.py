@@ -212,11 +212,14 @@ class EngineLoop:
             req.output_ids.append(token)
             req.output_versions.append(version)
             if req.return_logprob:
-                req.output_logprobs.append(result.logprobs[row_of])  # type: ignore[index]
-                if req.top_logprobs_num > 0:
-                    req.output_top_logprobs.append(result.top_logprobs[row_of])
-                if req.token_ids_logprob is not None:
-                    req.output_token_ids_logprobs.append(result.token_ids_logprobs[row_of])
+                _record_row(
+                    req,
+                    result,
+                    row_of,
+                    req.output_logprobs,
+                    req.output_top_logprobs,
+                    req.output_token_ids_logprobs,
+                )
             row_of += 1
             self.stats.generated_tokens += 1
             self._after_token(req, token)
@@ -226,11 +229,14 @@ class EngineLoop:
     ) -> int:
         for pos in range(chunk.start, chunk.start + chunk.length):
             if req.wants_input_logprob_at(pos):
-                req.input_logprobs.append(result.logprobs[row])  # type: ignore[index]
-                if req.top_logprobs_num > 0:
-                    req.input_top_logprobs.append(result.top_logprobs[row])
-                if req.token_ids_logprob is not None:
-                    req.input_token_ids_logprobs.append(result.token_ids_logprobs[row])
+                _record_row(
+                    req,
+                    result,
+                    row,
+                    req.input_logprobs,
+                    req.input_top_logprobs,
+                    req.input_token_ids_logprobs,
+                )
                 row += 1
         return row
 
@@ -268,3 +274,12 @@ class EngineLoop:
                 sink.fail(exc)
             except Exception:  # e.g. the caller's event loop is closed: nobody is waiting
                 log.exception("could not report the failure of %s", req.rid)
+
+
+def _record_row(req: Request, result: StepResult, row: int, logprobs, tops, id_logprobs) -> None:
+    """Append logits row ``row``'s logprob (and the top / asked-for token ones, if wanted)."""
+    logprobs.append(result.logprobs[row])  # type: ignore[index]
+    if req.top_logprobs_num > 0:
+        tops.append(result.top_logprobs[row])
+    if req.token_ids_logprob is not None:
+        id_logprobs.append(result.token_ids_logprobs[row])
