@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollout.policies import POLICIES
+from rollout.routing.config import RouterConfig
 
 MODES = ("local", "colocated", "disaggregated")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -44,6 +45,7 @@ class ServiceConfig:
     num_engines: int = 1
     engine: dict[str, Any] = field(default_factory=dict)  # engine_core.EngineConfig kwargs
     policy: str = "round_robin"
+    router: dict[str, Any] = field(default_factory=dict)  # RouterConfig fields (cache_aware)
     cpus_per_rank: float = 1.0
     gpus_per_rank: float = 0.0
     placement_strategy: str = "PACK"
@@ -75,6 +77,7 @@ class ServiceConfig:
             raise _bad("name", self.name, "must be a non-empty string or null")
         if self.policy not in POLICIES:
             raise _bad("policy", self.policy, f"unknown policy; known: {sorted(POLICIES)}")
+        RouterConfig.from_dict(self.router)  # ValueError naming router.<field>
         if self.placement_strategy not in STRATEGIES:
             raise _bad(
                 "placement_strategy", self.placement_strategy, f"must be one of {STRATEGIES}"

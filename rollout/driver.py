@@ -29,13 +29,16 @@ from rollout.group_runner import GroupRunner
 from rollout.partial import partial_request, takes_partial_request
 from rollout.partial_rollouts import PartialRollouts, StopRule
 from rollout.policies import make_policy
+from rollout.routing.config import RouterConfig
+from rollout.routing.prompt_tokens import PromptTokens
 from rollout.weights_registry import WeightsRegistry
 
 
 @ray.remote
 class RolloutDriver:
-    """Routes rollouts over ``engines`` (actor handles; index i is engine i) using ``policy``.
-    Partial rollouts (stop early, resume later): ``generate_partial``/``resume_partial``."""
+    """Routes rollouts over ``engines`` (actor handles; index i is engine i) using ``policy``
+    (``router``: the ``cache_aware`` tunables, ``RouterConfig`` fields). Partial rollouts
+    (stop early, resume later): ``generate_partial``/``resume_partial``."""
 
     def __init__(
         self,
@@ -43,12 +46,13 @@ class RolloutDriver:
         policy: str,
         weights: WeightsSource,
         restart_timeout_s: float = 300.0,
+        router: dict[str, Any] | None = None,
     ):
-        self._engines = EngineTable(
-            engines, make_policy(policy), weights.weight_version, restart_timeout_s
-        )
+        routing = make_policy(policy, RouterConfig.from_dict(router))
+        self._engines = EngineTable(engines, routing, weights.weight_version, restart_timeout_s)
         self._weights = WeightsRegistry(self._engines, weights)
-        self._groups = GroupRunner(self._engines)
+        # The tokenizer of the model the engines were built from (they keep it across refits).
+        self._groups = GroupRunner(self._engines, PromptTokens(weights.model_path))
         self._partials = PartialRollouts(self._groups)
 
     def set_engines(self, engines: list[Any]) -> None:
@@ -68,6 +72,11 @@ class RolloutDriver:
     async def health(self) -> list[dict[str, Any] | None]:
         """Each engine's ``health()``, or None for an engine that does not answer."""
         return await self._engines.health()
+
+    def routing_stats(self) -> dict[str, Any]:
+        """The routing policy's counters (``cache_aware``: decisions per rule -- imbalanced /
+        session / hit / miss --, indexed prefixes, sessions, page size, event drains)."""
+        return {"policy": type(self._engines.policy).__name__, **self._engines.policy.stats()}
 
     # ------------------------------------------------------------------ rollouts
     @takes_generate_request

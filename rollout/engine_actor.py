@@ -181,6 +181,11 @@ class EngineActor:
             **self._whereabouts(),
         }
 
+    def drain_cache_events(self) -> list[Any]:
+        """``Engine.drain_cache_events()``: the prefix cache's events since the last drain, in
+        order (the driver's cache-aware router replays them)."""
+        return self.engine.drain_cache_events()
+
     def shutdown(self) -> None:
         """Stop the engine (in-flight requests finish with finish_reason abort)."""
         self.engine.shutdown()

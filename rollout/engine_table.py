@@ -38,10 +38,13 @@ class EngineTable:
         self._restart_timeout_s = restart_timeout_s
         self._changed = asyncio.Condition()  # binds to the actor's event loop on first use
         self._watchers: set[asyncio.Task] = set()
+        self._engines: list[Any] = []
         self.set_engines(engines)
 
     def set_engines(self, engines: list[Any]) -> None:
         """Replace the engine actors (index i is engine i), all up and idle."""
+        for index in range(len(self._engines)):
+            self.policy.engine_lost(index)  # what the policy knew of the old ones is void
         self._engines = list(engines)
         self._state = ["up"] * len(engines)
         self._tokens = [0] * len(engines)
@@ -62,6 +65,10 @@ class EngineTable:
         ]
 
     # ------------------------------------------------------------------ routing
+    async def refresh_routing(self) -> None:
+        """Before a batch is routed: the policy catches up (a cache-aware one drains events)."""
+        await self.policy.refresh(self)
+
     async def assign(self, group: GroupInfo) -> int:
         """An engine for ``group`` from the policy, its load counted until ``release``; waits
         while every engine is restarting, raises RuntimeError when none can come back."""
@@ -101,7 +108,9 @@ class EngineTable:
 
     # ------------------------------------------------------------------ restarts
     def mark_down(self, index: int, exc: Exception) -> None:
-        """A call to engine ``index`` failed with ``exc`` (it died): out of rotation, watched."""
+        """A call to engine ``index`` failed with ``exc`` (it died): out of rotation, watched.
+        The policy forgets its cache (a restarted engine starts empty)."""
+        self.policy.engine_lost(index)
         if self._watch_restart(index):
             print(
                 f"rollout driver: engine {index} is down ({type(exc).__name__}); re-sending its "
@@ -112,6 +121,7 @@ class EngineTable:
     def restarted(self, index: int) -> None:
         """Engine ``index`` says Ray restarted it (possibly outside any rollout): watched."""
         if 0 <= index < len(self._state):
+            self.policy.engine_lost(index)
             self._watch_restart(index)
 
     def _watch_restart(self, index: int) -> bool:

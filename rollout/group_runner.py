@@ -22,10 +22,12 @@ from typing import Any
 from ray.exceptions import RayActorError
 
 from engine_core.errors import InvalidRequestError
-from engine_core.requests.generate_request import GenerateItem, GenerateRequest
+from engine_core.requests.generate_request import GenerateItem, GenerateRequest, per_item
 from engine_core.requests.sampling_params import SamplingParams
 from rollout.engine_table import EngineTable
 from rollout.policies import GroupInfo
+from rollout.routing.prompt_tokens import PromptTokens
+from rollout.routing.sessions import session_key
 
 _KEEP_PROGRESS = 32  # finished rollouts whose progress stays queryable
 _DEFAULT_MAX_NEW = SamplingParams.max_new_tokens  # the engine's default
@@ -45,9 +47,17 @@ class PromptGroup:
     item: GenerateItem
 
     @classmethod
-    def of(cls, index: int, request: GenerateRequest, item: GenerateItem) -> PromptGroup:
+    def of(
+        cls,
+        index: int,
+        request: GenerateRequest,
+        item: GenerateItem,
+        token_ids: tuple[int, ...] | None = None,
+        session_id: object = None,
+    ) -> PromptGroup:
         """Group ``index`` of a rollout, with the driver's estimate of the KV tokens it holds
-        (the driver has no tokenizer: ~4 chars/token for text)."""
+        (a text prompt's ``token_ids`` when the driver tokenized it, else ~4 chars/token) and
+        its session key (``session_id``, else the item's rid: ``rollout.routing.sessions``)."""
         params = {} if item.sampling_params is None else item.sampling_params
         if not isinstance(params, dict):
             raise InvalidRequestError(f"sampling_params[{index}]", params, "must be a dict")
@@ -55,15 +65,18 @@ class PromptGroup:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise InvalidRequestError(f"sampling_params[{index}].n", n, "must be a positive int")
         text = request.is_text
-        prompt_tokens = len(item.input) // 4 + 1 if text else len(item.input)
+        if not text:
+            token_ids = tuple(item.input)
+        prompt_tokens = len(token_ids) if token_ids is not None else len(item.input) // 4 + 1
         new_tokens = params.get("max_new_tokens", _DEFAULT_MAX_NEW)
         new_tokens = new_tokens if isinstance(new_tokens, int) else _DEFAULT_MAX_NEW
         info = GroupInfo(
             index=index,
             prompt=item.input if text else None,
-            input_ids=None if text else tuple(item.input),
+            input_ids=token_ids,
             n=n,
             est_tokens=prompt_tokens + n * new_tokens,
+            session_key=session_key(session_id, item.rid),
         )
         return cls(info, request, item)
 
@@ -117,10 +130,12 @@ Until = Callable[[Rollout, list[asyncio.Task]], Awaitable[Any]]
 
 
 class GroupRunner:
-    """Runs prompt groups on ``engines`` (the driver's table); owns the rollouts' progress."""
+    """Runs prompt groups on ``engines`` (the driver's table); owns the rollouts' progress.
+    ``tokens`` tokenizes text prompts for a policy that ``needs_token_ids``."""
 
-    def __init__(self, engines: EngineTable) -> None:
+    def __init__(self, engines: EngineTable, tokens: PromptTokens | None = None) -> None:
         self._engines = engines
+        self._tokens = tokens
         self._rollouts: dict[str, Rollout] = {}
 
     def progress(self, rollout_id: str | None = None) -> dict[str, Any] | None:
@@ -141,10 +156,34 @@ class GroupRunner:
             raise InvalidRequestError(
                 "rid", request.rid, "the driver names requests {rollout_id}-{group}"
             )
-        groups = [PromptGroup.of(item.index, request, item) for item in request.items()]
+        groups = self._groups(request)
         results = await self.run(rollout_id or new_rollout_id(), groups)
         outputs = [out for group in results for out in group]
         return outputs if request.batch_size is not None or len(outputs) > 1 else outputs[0]
+
+    def _groups(self, request: GenerateRequest) -> list[PromptGroup]:
+        """One group per prompt; text is tokenized here only for a policy that routes by
+        tokens. ``session_id``: one for every prompt, or a list of one per prompt."""
+        items = request.items()
+        sessions = per_item(request.session_id, request.batch_size, "session_id")
+        for item, session in zip(items, sessions):
+            if session is not None and not isinstance(session, str):
+                raise InvalidRequestError(
+                    f"session_id{item.where}", session, "must be a str (or None)"
+                )
+        tokenize = (
+            request.is_text and self._tokens is not None and self._engines.policy.needs_token_ids
+        )
+        return [
+            PromptGroup.of(
+                item.index,
+                request,
+                item,
+                self._tokens.encode(item.input) if tokenize else None,
+                session,
+            )
+            for item, session in zip(items, sessions)
+        ]
 
     async def run(
         self, rollout_id: str, groups: list[PromptGroup], until: Until | None = None
@@ -154,6 +193,7 @@ class GroupRunner:
         its groups are cancelled and their requests aborted on the engines."""
         rollout = Rollout(rollout_id, len(groups), sum(g.info.n for g in groups))
         self._remember(rollout)
+        await self._engines.refresh_routing()  # once per batch, not per routing decision
         tasks = [asyncio.ensure_future(self._serve(group, rollout)) for group in groups]
         try:
             await (until(rollout, tasks) if until is not None else asyncio.gather(*tasks))

@@ -133,6 +133,7 @@ class RolloutService:
             cfg.policy,
             WeightsSource(self.model_path, cfg.weight_version),
             cfg.restart_timeout_s,
+            cfg.router,
         )
 
     def _wait_engines(self) -> None:
@@ -218,6 +219,10 @@ class RolloutService:
 
     def health(self) -> list[dict[str, Any] | None]:
         return ray.get(self.driver.health.remote())
+
+    def routing_stats(self) -> dict[str, Any]:
+        """The driver's routing counters (``RolloutDriver.routing_stats``)."""
+        return ray.get(self.driver.routing_stats.remote())
 
     def server_info(self) -> list[dict[str, Any]]:
         return ray.get([engine.get_server_info.remote() for engine in self.engines])
