@@ -137,10 +137,11 @@ class RadixCache:
         self, token_ids: list[int], pages: list[int], tail: Node | None, start: int
     ) -> tuple[list[Node], Node, int]:
         """Add the full pages of ``token_ids`` (KV in ``pages``) from page index ``start`` on,
-        below ``tail`` (the node of page ``start - 1``; None: the root). Returns the nodes that
-        now hold the caller's own pages (locked for it), the new tail and the next page index.
-        A page already cached (another request computed the same tokens meanwhile) is not added
-        again: its node becomes the parent, and the caller keeps its duplicate page."""
+        below ``tail`` (the node of page ``start - 1``; None: the root). Returns the nodes now
+        in the caller's page table (locked for it), the new tail and the next page index.
+        Where another request cached the same tokens meanwhile, the caller adopts that page:
+        ``pages[index]`` is replaced in place and its duplicate released (same tokens, same
+        weights: the same KV), so duplicates do not outlive the step."""
         node = tail or self.root
         added: list[Node] = []
         run: list[int] = []  # hashes of consecutive new nodes, published as one chain
@@ -161,9 +162,17 @@ class RadixCache:
                 if not run:
                     run_parent = node.hash
                 run.append(child.hash)
-            elif run:
-                self._publish(BlocksStored(tuple(run), run_parent))
-                run = []
+            else:
+                if child.page != pages[index]:
+                    self.pool.share([child.page])
+                    self.pool.release([pages[index]])
+                    pages[index] = child.page
+                child.locks += 1
+                child.last_used = next(_clock)
+                added.append(child)
+                if run:
+                    self._publish(BlocksStored(tuple(run), run_parent))
+                    run = []
             node = child
         if run:
             self._publish(BlocksStored(tuple(run), run_parent))
