@@ -66,6 +66,9 @@ class EngineConfig:
     # complete update becomes the weights' storage. True keeps the idle buffer for the next
     # refit (no allocation, ~1 model of memory per rank); False frees it after every commit.
     keep_refit_staging: bool = True
+    # Radix prefix cache (engine_core.scheduling.radix_cache): requests reuse the KV pages of
+    # prompt prefixes other requests computed on the same weights (SGLang: disable_radix_cache).
+    enable_prefix_cache: bool = True
     # torch threads of the engine's process (None: torch's default; with TP, the cores split
     # evenly over the ranks). A trainer whose logprobs must match bit for bit uses the same.
     num_threads: int | None = None
@@ -109,7 +112,12 @@ class EngineConfig:
             raise InvalidConfigError("sleep_on_idle_s", idle, "must be a number of seconds")
         if idle is not None and not idle > 0:
             raise InvalidConfigError("sleep_on_idle_s", idle, "must be > 0 (None: off)")
-        for name in ("sleep_on_idle_weights", "weights_host_copy", "keep_refit_staging"):
+        for name in (
+            "sleep_on_idle_weights",
+            "weights_host_copy",
+            "keep_refit_staging",
+            "enable_prefix_cache",
+        ):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "weights_host_copy"):
                 raise InvalidConfigError(name, value, "must be a bool")

@@ -33,8 +33,10 @@ from engine_core.requests.outputs import (
     StreamSink,
 )
 from engine_core.requests.request import Request
+from engine_core.scheduling.cache_events import CacheEvent
 from engine_core.scheduling.loop import EngineLoop
 from engine_core.scheduling.page_pool import PagePool
+from engine_core.scheduling.radix_cache import RadixCache
 from engine_core.scheduling.scheduler import Scheduler
 from engine_core.sglang_args import kv_budget_bytes, log_no_effect
 from engine_core.tokenizer import load_tokenizer
@@ -69,7 +71,10 @@ class Engine:
         self.rank_info = self.ranks.info()
         self.pool = PagePool(self.rank_info.num_pages, config.page_size)
         self.scheduler = Scheduler(
-            self.pool, config.max_running_requests, config.max_num_batched_tokens
+            self.pool,
+            config.max_running_requests,
+            config.max_num_batched_tokens,
+            RadixCache(self.pool) if config.enable_prefix_cache else None,
         )
         self.requests = RequestFactory(
             self.tokenizer,
@@ -106,6 +111,8 @@ class Engine:
             self.segments,
             self.memory.before_refit,
             config.tp_size,
+            # Old-weights KV must never be reused: a committed refit drops the prefix cache.
+            on_commit=self.scheduler.reset_cache,
         )
 
     def _context_length(self) -> int:
@@ -201,8 +208,8 @@ class Engine:
 
     def flush_cache(self) -> FlushCacheOutput:
         """SGLang's ``flush_cache``: succeeds only when no request is running or waiting (else
-        ``success=False`` with the counts, and a warning). There is no prefix cache yet, so an
-        idle flush has nothing to drop."""
+        ``success=False`` with the counts, and a warning). An idle flush drops the whole prefix
+        cache (an ``AllBlocksCleared`` page event)."""
 
         def check() -> FlushCacheOutput:
             waiting, running = len(self.scheduler.waiting), len(self.scheduler.running)
@@ -212,12 +219,20 @@ class Engine:
                     f"#queue-req: {waiting}, #running-req: {running}"
                 )
                 return FlushCacheOutput(False, message)
+            self.scheduler.reset_cache()
             return FlushCacheOutput(True, "")
 
         result = self.loop.call(check)
         if not result.success:
             log.warning(result.message)
         return result
+
+    def drain_cache_events(self) -> list[CacheEvent]:
+        """Prefix-cache page events since the last call, oldest first
+        (``engine_core.scheduling.cache_events``; empty when the cache is disabled). A router
+        replaying them knows exactly which page hashes this engine holds."""
+        cache = self.scheduler.prefix.cache
+        return [] if cache is None else cache.events.drain()
 
     @property
     def weight_version(self) -> str:

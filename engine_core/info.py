@@ -25,6 +25,9 @@ def server_info(engine: Any) -> dict[str, Any]:
         "num_free_pages": engine.pool.num_free,
         "max_total_num_tokens": engine.pool.capacity_tokens,
         "num_retractions": engine.scheduler.stats.num_retractions,
+        "page_size": engine.config.page_size,
+        "prefill_tokens": stats.prefill_tokens,
+        **prefix_cache_info(engine.scheduler),
         "deterministic_matmul": engine.rank_info.deterministic_matmul,
         "memory": engine.memory.info(),
         **engine.loop.pause.info(),
@@ -48,6 +51,29 @@ def server_info(engine: Any) -> dict[str, Any]:
         "version": package_version(),
     }
     return sglang | ours  # our keys win (same meaning where both have one)
+
+
+def prefix_cache_info(scheduler: Any) -> dict[str, Any]:
+    """``cache_hit_rate`` (prompt tokens served from the cache / prompt tokens admitted, since
+    start) and the radix cache's counters under ``prefix_cache``."""
+    cache = scheduler.prefix.cache
+    if cache is None:
+        return {"cache_hit_rate": 0.0, "prefix_cache": {"enabled": False}}
+    st = cache.stats
+    rate = st.hit_tokens / st.looked_up_tokens if st.looked_up_tokens else 0.0
+    return {
+        "cache_hit_rate": rate,
+        "prefix_cache": {
+            "enabled": True,
+            "cached_pages": cache.num_pages,
+            "hit_tokens": st.hit_tokens,
+            "looked_up_tokens": st.looked_up_tokens,
+            "inserted_pages": st.inserted_pages,
+            "evicted_pages": st.evicted_pages,
+            "resets": st.resets,
+            "deferred_admissions": scheduler.stats.num_deferred,
+        },
+    }
 
 
 def model_info(engine: Any) -> dict[str, Any]:

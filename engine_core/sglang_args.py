@@ -68,6 +68,10 @@ def _none_keeps_default(value: Any, kwargs: dict[str, Any]) -> Any:
     return OMIT if value is None else value
 
 
+def _negated(value: Any, kwargs: dict[str, Any]) -> Any:
+    return OMIT if value is None else not value
+
+
 def _dtype(value: Any, kwargs: dict[str, Any]) -> Any:
     return {"half": "float16", "float": "float32", None: OMIT}.get(value, value)
 
@@ -93,7 +97,6 @@ def _cpu_backup(value: Any, kwargs: dict[str, Any]) -> Any:
     return value
 
 
-_NO_PREFIX_CACHE = "no prefix cache yet: every request computes its whole prompt (both accepted)"
 _NO_HTTP = "no HTTP server: the engine is in-process"
 _CUDA_ONLY = "no CUDA graphs / torch.compile: the engine runs eagerly"
 _KERNELS = "kernels are chosen per device and mode (docs/ARCHITECTURE.md)"
@@ -150,11 +153,15 @@ SGLANG_ARGS: dict[str, Rule] = {
     "schedule_conservativeness": _no_effect(1.0, "admission reserves each request's pages"),
     "retraction_policy": _no_effect("length", "the newest running request is retracted"),
     "page_size": _map("page_size", None, "None: 16"),
-    "disable_radix_cache": _no_effect(False, _NO_PREFIX_CACHE),
+    "disable_radix_cache": _map(
+        "enable_prefix_cache", False, "True -> enable_prefix_cache=False", _negated
+    ),
     "disable_overlap_schedule": _no_effect(False, "steps are not overlapped"),
     "num_continuous_decode_steps": _no_effect(1, "one step per scheduling round"),
     "enable_mixed_chunk": _no_effect(False, "prefill chunks and decodes always share a step"),
-    "disable_chunked_prefix_cache": _no_effect(False, _NO_PREFIX_CACHE),
+    "disable_chunked_prefix_cache": _no_effect(
+        False, "cached prefixes and chunked prefill always combine"
+    ),
     "enable_priority_scheduling": _no_effect(False, "requests are served oldest first"),
     "enable_memory_saver": _no_effect(
         False, "release/resume_memory_occupation always work (weights and KV really freed)"
@@ -226,7 +233,7 @@ SGLANG_ARGS: dict[str, Rule] = {
     "enable_metrics": _no_effect(False, _OBSERVE),
     "show_time_cost": _no_effect(False, _OBSERVE),
     "decode_log_interval": _no_effect(40, _OBSERVE),
-    "enable_cache_report": _no_effect(False, "meta_info.cached_tokens is always there (0)"),
+    "enable_cache_report": _no_effect(False, "meta_info.cached_tokens is always reported"),
     "gc_threshold": _no_effect(None, "Python's GC settings are left alone"),
     "use_ray": _no_effect(False, "Ray lives in the rollout package (EngineActor)"),
     "numa_node": _no_effect(None, "see num_threads"),

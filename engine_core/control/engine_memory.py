@@ -179,6 +179,7 @@ class MemoryController:
         if "kv_cache" in tags and "kv_cache" not in self.released:
             for req in reversed(list(self.scheduler.running)):  # newest first keeps order
                 self.scheduler.retract(req)
+            self.scheduler.reset_cache()  # the cached pages' KV is about to be freed
             self.released = self.released | {"kv_cache"}
             freed["kv_cache"] = self.ranks.release_kv_cache()
         if "weights" in tags and "weights" not in self.released:

@@ -73,6 +73,17 @@ class Request:
             return len(self.prompt_ids)
         return min(self.logprob_start_len, len(self.prompt_ids))
 
+    def cacheable_prefix(self) -> int:
+        """How many leading tokens may take their KV from the prefix cache: never the last
+        (its logits sample the next token) nor the row before the first prompt token whose
+        input logprob is still to be reported (that row's logits must be computed)."""
+        limit = self.num_tokens - 1
+        if self.return_logprob:
+            first_target = self.input_logprob_start + len(self.input_logprobs)
+            if first_target < len(self.prompt_ids):
+                limit = min(limit, first_target - 1)
+        return max(limit, 0)
+
     def wants_input_logprob_at(self, position: int) -> bool:
         """Whether the logits row at ``position`` scores a prompt token still to be reported.
 

@@ -45,7 +45,7 @@ class StepGate(Protocol):
 class LoopStats:
     steps: int = 0
     generated_tokens: int = 0
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # tokens computed by chunks that are not single-token decodes
     finished_requests: int = 0
     busy_seconds: float = 0.0
 
@@ -198,10 +198,11 @@ class EngineLoop:
         for chunk in chunks:
             req = chunk.req
             req.num_computed += chunk.length
+            if chunk.length > 1 or chunk.start < len(req.prompt_ids):
+                self.stats.prefill_tokens += chunk.length
             if req.return_logprob:
                 row_of = self._record_input_logprobs(req, chunk, result, row_of)
             if not chunk.samples:
-                self.stats.prefill_tokens += chunk.length
                 continue
             token = result.tokens[sample_index]
             sample_index += 1

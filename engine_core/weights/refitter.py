@@ -87,6 +87,7 @@ class Refitter:
         segments: RefitSegments,
         guard: Callable[[], None],
         tp_size: int,
+        on_commit: Callable[[], None],
     ) -> None:
         self.loop = loop
         self.ranks = ranks
@@ -95,6 +96,7 @@ class Refitter:
         self.segments = segments
         self.guard = guard
         self.tp_size = tp_size
+        self.on_commit = on_commit  # runs on the loop thread after every committed refit
         self.held: dict[str, Any] | None = None  # version/flush of an update held on the ranks
         self.joined_groups = False  # whether any rank may hold a group to close at shutdown
 
@@ -121,6 +123,7 @@ class Refitter:
 
     def _switched(self, version: str | None, count: int, checkpoint: str | None = None) -> dict:
         current = self.versions.switch(version, checkpoint)
+        self.on_commit()
         return {"success": True, "num_tensors": count, "weight_version": current}
 
     # ---------------------------------------------------------------- sources

@@ -27,7 +27,9 @@ def test_retraction_under_tiny_kv_budget(model_dir, reference):
     with Engine(model_dir("llama"), device="cpu", max_total_tokens=64, page_size=4) as engine:
         outs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
         info = engine.get_server_info()
-        engine.pool.check_integrity()
+        engine.scheduler.check_integrity()
+        assert engine.flush_cache().success
+        engine.scheduler.check_integrity()
         assert engine.pool.num_free == engine.pool.num_pages
     assert info["num_retractions"] > 0
     assert [o["output_ids"] for o in outs] == reference

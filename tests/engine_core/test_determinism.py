@@ -103,6 +103,66 @@ def test_invariant_across_runs_and_engines(path, engine, alone):
         assert run_batch(other, [TARGET], SEEDED, 0) == alone["seeded"]
 
 
+# ---- prefix cache: a hit, a partial hit and a full-prompt hit equal a miss, bit for bit ----
+SHARED = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
+QUESTION = SHARED + [40, 41, 42, 43, 44, 45]
+# Input logprobs are reported from position 21 on, so the cache may serve up to 20 tokens.
+CACHED_KW = {"return_logprob": True, "logprob_start_len": 21}
+
+
+def cached_run(engine: Engine, prompts: list, params: dict) -> list[tuple]:
+    outs = engine.generate(input_ids=prompts, sampling_params=params, **CACHED_KW)
+    outs = outs if isinstance(outs, list) else [outs]
+    return [(signature(o), o["meta_info"]["cached_tokens"]) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def uncached(path):
+    with Engine(
+        path, device="cpu", deterministic=True, page_size=4, enable_prefix_cache=False
+    ) as e:
+        return {
+            name: cached_run(e, [QUESTION], params)[0][0]
+            for name, params in (("greedy", GREEDY), ("seeded", SEEDED))
+        }
+
+
+@pytest.mark.parametrize("params_name", ["greedy", "seeded"])
+@pytest.mark.parametrize(
+    ("warm", "hit"),
+    [
+        ([], 0),  # miss
+        ([SHARED + [90, 91, 92, 93]], 20),  # another question on the same system prompt
+        ([SHARED[:9] + [99] * 11], 8),  # partial hit: the pages before the first difference
+        ([QUESTION], 20),  # the same prompt again: capped by the logprob rows still needed
+    ],
+)
+def test_prefix_cache_hit_equals_miss(path, uncached, params_name, warm, hit):
+    params = GREEDY if params_name == "greedy" else SEEDED
+    with Engine(path, device="cpu", deterministic=True, page_size=4) as eng:
+        if warm:
+            cached_run(eng, warm, GREEDY)
+        ((got, cached_tokens),) = cached_run(eng, [QUESTION] + others(3, seed=hit), params)[:1]
+    assert cached_tokens == hit
+    assert got == uncached[params_name]
+
+
+def test_prefix_cache_samples_of_one_prompt_equal_uncached(path):
+    params = dict(SEEDED, n=4)
+    runs = []
+    for enabled in (False, True):
+        with Engine(
+            path, device="cpu", deterministic=True, page_size=4, enable_prefix_cache=enabled
+        ) as eng:
+            runs.append(cached_run(eng, [QUESTION], params))
+            prefill = eng.get_server_info()["prefill_tokens"]
+    (off, on) = runs
+    assert [sig for sig, _ in on] == [sig for sig, _ in off]
+    assert [hit for _, hit in off] == [0] * 4
+    assert [hit for _, hit in on] == [0, 20, 20, 20]  # the first computes, three reuse it
+    assert prefill == len(QUESTION) + 3 * (len(QUESTION) - 20)
+
+
 def plain_blas_batch_dependent(model_cfg) -> bool:
     """Whether plain ``F.linear`` gives a row other bits alone than inside a batch, for some
     weight shape of the model (a property of the BLAS and the CPU, not of this code)."""
