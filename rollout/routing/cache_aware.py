@@ -82,6 +82,7 @@ class CacheAwarePolicy(RoutingPolicy):
         return {
             "decisions": dict(self.decisions),
             "indexed_prefixes": len(self.index),
+            "confirmed_pages": self.index.confirmed_counts(),
             "sessions": len(self.sessions),
             "page_size": self.page_size,
             "event_drains": self.feed.drains,

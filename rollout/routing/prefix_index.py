@@ -61,6 +61,11 @@ class PrefixIndex:
         """The hashes ``engine`` reported cached (and not removed since)."""
         return frozenset(self._confirmed.get(engine, ()))
 
+    def confirmed_counts(self) -> dict[int, int]:
+        """Per engine with entries, how many pages it reported cached (an engine's own
+        ``prefix_cache.cached_pages`` once its events are drained and nothing was forgotten)."""
+        return {engine: len(hashes) for engine, hashes in sorted(self._confirmed.items())}
+
     def provisional(self, engine: int) -> frozenset[int]:
         """The hashes routed to ``engine`` and not yet confirmed (expired ones included until
         ``sweep``)."""
