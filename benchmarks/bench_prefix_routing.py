@@ -1,0 +1,220 @@
+"""Cache-aware vs round-robin vs least-load routing through the real service (default model).
+
+Two workloads, each run once per policy in the same run, on the same engine actors (the
+prefix caches are flushed between policies, each policy gets its own ``RolloutDriver``):
+
+- **shared prefix**: ``--systems`` system prompts of ``--system-tokens`` tokens, each followed
+  by ``--questions`` questions of ``--question-tokens`` tokens, all arriving interleaved (a
+  seeded shuffle) in one rollout call. Each engine's KV (``--kv-tokens``) holds fewer than all
+  the system prompts, so where a prefix is sent decides whether it is still cached.
+- **conversations**: ``--conversations`` multi-turn conversations of ``--turns`` turns; each
+  turn of every conversation is one prompt of the next rollout call (history + the previous
+  answer + ``--turn-tokens`` new tokens; the conversations' order is shuffled every turn),
+  with ``session_id`` naming the conversation.
+
+Per policy: the hit rate (prompt tokens served from the prefix cache / prompt tokens, from
+each output's ``meta_info.cached_tokens``), output tokens/s over the workload's wall time, and
+the ratios to round robin. With ``--engines 2 4`` both sizes run (a service each).
+
+    python benchmarks/bench_prefix_routing.py [--engines 2 4] [--systems 8] [--questions 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ray  # noqa: E402
+
+from rollout import deploy  # noqa: E402
+from rollout.driver import RolloutDriver  # noqa: E402
+from rollout.engine_actor import WeightsSource  # noqa: E402
+
+POLICIES = ("round_robin", "least_load", "cache_aware")
+
+
+def tokens(rng: random.Random, args, count: int) -> list[int]:
+    """``count`` random token ids (above the special tokens, below ``--vocab``)."""
+    low = min(100, args.vocab // 2)
+    return [rng.randrange(low, args.vocab) for _ in range(count)]
+
+
+def shared_prefix(args, rng: random.Random) -> list[list[int]]:
+    systems = [tokens(rng, args, args.system_tokens) for _ in range(args.systems)]
+    prompts = [
+        system + tokens(rng, args, args.question_tokens)
+        for system in systems
+        for _ in range(args.questions)
+    ]
+    rng.shuffle(prompts)
+    return prompts
+
+
+def params(args) -> dict[str, Any]:
+    return {"temperature": 0, "max_new_tokens": args.max_new, "ignore_eos": True}
+
+
+def run_shared(driver, args, prompts) -> tuple[list[dict], float]:
+    start = time.perf_counter()
+    outs = ray.get(driver.generate.remote(input_ids=prompts, sampling_params=params(args)))
+    return outs, time.perf_counter() - start
+
+
+def run_conversations(driver, args, seed: int) -> tuple[list[dict], float]:
+    rng = random.Random(seed)
+    histories = [tokens(rng, args, args.first_tokens) for _ in range(args.conversations)]
+    sessions = [f"conv{c}" for c in range(args.conversations)]
+    outputs, wall = [], 0.0
+    for _ in range(args.turns):
+        # Turns arrive in a different order each round (as conversations finish), so a fixed
+        # rotation cannot keep a conversation on one engine by accident.
+        order = list(range(args.conversations))
+        rng.shuffle(order)
+        start = time.perf_counter()
+        outs = ray.get(
+            driver.generate.remote(
+                input_ids=[histories[c] for c in order],
+                sampling_params=params(args),
+                session_id=[sessions[c] for c in order],
+            )
+        )
+        wall += time.perf_counter() - start
+        outputs += outs
+        for c, out in zip(order, outs):
+            histories[c] = histories[c] + out["output_ids"] + tokens(rng, args, args.turn_tokens)
+    return outputs, wall
+
+
+def measure(outs: list[dict], wall: float) -> dict[str, float]:
+    prompt = sum(o["meta_info"]["prompt_tokens"] for o in outs)
+    cached = sum(o["meta_info"]["cached_tokens"] for o in outs)
+    completion = sum(o["meta_info"]["completion_tokens"] for o in outs)
+    return {"hit": cached / prompt, "tok_s": completion / wall, "wall": wall}
+
+
+def one_size(num_engines: int, args) -> list[dict[str, Any]]:
+    threads = max(1, (os.cpu_count() or 1) // num_engines)
+    engine = {
+        "device": "cpu",
+        "max_total_tokens": args.kv_tokens,
+        "max_running_requests": args.max_running,
+        "num_threads": threads,
+    }
+    config = {
+        "model_path": args.model_path,
+        "num_engines": num_engines,
+        "engine": engine,
+        "cpus_per_rank": 1,
+        "num_cpus": num_engines + 1,
+        "policy": "round_robin",
+        "ready_timeout_s": 900,
+    }
+    rows = []
+    with deploy(config) as service:
+        weights = WeightsSource(service.model_path, service.config.weight_version)
+        warm = [tokens(random.Random(0), args, 32)]  # first call: kernels, allocations
+        ray.get(
+            [
+                e.generate.remote(input_ids=warm, sampling_params={"max_new_tokens": 2})
+                for e in service.engines
+            ]
+        )
+        for workload in ("shared prefix", "conversations"):
+            results = {}
+            for policy in POLICIES:
+                assert all(
+                    r.success for r in ray.get([e.flush_cache.remote() for e in service.engines])
+                )
+                driver = RolloutDriver.options(num_cpus=0).remote(
+                    service.engines, policy, weights, 60.0, {}
+                )
+                if workload == "shared prefix":
+                    outs, wall = run_shared(driver, args, shared_prefix(args, random.Random(1)))
+                else:
+                    outs, wall = run_conversations(driver, args, seed=2)
+                results[policy] = measure(outs, wall)
+                results[policy]["stats"] = ray.get(driver.routing_stats.remote()).get("decisions")
+                ray.kill(driver)
+                print(num_engines, workload, policy, results[policy], flush=True)
+            base = results["round_robin"]
+            for policy, r in results.items():
+                rows.append(
+                    {
+                        "engines": num_engines,
+                        "workload": workload,
+                        "policy": policy,
+                        **r,
+                        "hit_x": r["hit"] / base["hit"] if base["hit"] else float("inf"),
+                        "tok_x": r["tok_s"] / base["tok_s"],
+                    }
+                )
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| engines | workload | policy | hit rate | vs RR | output tok/s | vs RR | wall (s) |",
+        "|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['engines']} | {r['workload']} | {r['policy']} | {r['hit']:.3f} | "
+            f"{r['hit_x']:.2f}x | {r['tok_s']:.1f} | {r['tok_x']:.2f}x | {r['wall']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--engines", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--systems", type=int, default=8)
+    ap.add_argument("--system-tokens", type=int, default=256)
+    ap.add_argument("--questions", type=int, default=16)
+    ap.add_argument("--question-tokens", type=int, default=16)
+    ap.add_argument("--conversations", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--first-tokens", type=int, default=256)
+    ap.add_argument("--turn-tokens", type=int, default=32)
+    ap.add_argument("--max-new", type=int, default=16)
+    ap.add_argument("--max-running", type=int, default=16)
+    ap.add_argument(
+        "--kv-tokens",
+        type=int,
+        default=None,
+        help="KV tokens per engine (default: half the system prompts plus the running tails)",
+    )
+    ap.add_argument("--model-path", default=None, help="default: the embedded default model")
+    ap.add_argument("--vocab", type=int, default=40000, help="token ids drawn below this")
+    ap.add_argument("--no-report", action="store_true")
+    args = ap.parse_args()
+    if args.kv_tokens is None:
+        tail = args.question_tokens + args.max_new + 16
+        args.kv_tokens = args.systems * args.system_tokens // 2 + args.max_running * tail
+    rows = [row for n in args.engines for row in one_size(n, args)]
+    body = (
+        f"Default model (SmolLM2-135M fp32) on CPU, greedy, {args.max_new} new tokens per "
+        f"prompt, KV {args.kv_tokens} tokens per engine (fewer than the {args.systems} system "
+        f"prompts need together), max_running_requests {args.max_running}. Shared prefix: "
+        f"{args.systems} system prompts x {args.system_tokens} tokens x {args.questions} "
+        f"questions of {args.question_tokens} tokens, arriving shuffled in one call. "
+        f"Conversations: {args.conversations} x {args.turns} turns ({args.first_tokens}-token "
+        f"start, +{args.turn_tokens} tokens a turn, session_id per conversation). Hit rate = "
+        "cached prompt tokens / prompt tokens (outputs' `cached_tokens`). Same engines for every "
+        "policy (caches flushed between), one run each; the machine was shared with other jobs, "
+        "so tok/s is noisy.\n\n" + table(rows)
+    )
+    print(body)
+    if not args.no_report:
+        from benchmarks._report import write_section
+
+        write_section("Cache-aware routing (prefix hit rate and throughput)", body)
+
+
+if __name__ == "__main__":
+    main()
