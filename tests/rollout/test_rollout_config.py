@@ -39,7 +39,12 @@ def test_yaml_unknown_field_named(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"policy": "fastest"}, r"policy='fastest': unknown policy; known: \['least_load'"),
+        (
+            {"policy": "fastest"},
+            r"policy='fastest': unknown policy; known: \['cache_aware', 'least_load'",
+        ),
+        ({"router": {"cache_threshold": 2}}, r"router\.cache_threshold=2: must be below 1"),
+        ({"router": {"hops": 1}}, r"router\.hops=1: unknown field"),
         ({"mode": "cloud"}, r"mode='cloud'"),
         ({"num_engines": 0}, r"num_engines=0"),
         ({"engine": {"page_size": 0}}, r"page_size=0"),
