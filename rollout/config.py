@@ -25,7 +25,9 @@ def _bad(name: str, value: object, reason: str) -> ValueError:
 
 @dataclass
 class ServiceConfig:
-    """A rollout service: ``num_engines`` engine actors and one driver.
+    """A rollout service: ``num_engines`` engine actors and one driver routing prompt groups
+    with ``policy`` (``round_robin``, ``least_load``, ``cache_aware``; ``router``: the
+    cache-aware tunables, ``rollout.routing.config.RouterConfig`` fields).
 
     Placement: each engine reserves ``tp_size * cpus_per_rank`` CPUs and ``tp_size *
     gpus_per_rank`` GPUs (its TP ranks are processes of the actor, so they share its

@@ -3,7 +3,8 @@
 The actor's methods are the RPC; each delegates to the component that owns it, all built here:
 
 - ``EngineTable`` (``rollout.engine_table``): the engines, which are in rotation (up /
-  restarting / stale / dead), their outstanding load, the routing policy, restart watching.
+  restarting / stale / dead), their outstanding load, the routing policy (``cache_aware``:
+  ``rollout.routing``, fed by the engines' cache events), restart watching.
 - ``GroupRunner`` (``rollout.group_runner``): runs a rollout's prompt groups (one prompt with
   its ``n`` samples, one engine call each), re-sending a group when its engine dies; progress.
 - ``WeightsRegistry`` (``rollout.weights_registry``): the weights a restarted engine loads and

@@ -2,7 +2,8 @@
 
 The actor methods are the RPC and mirror the Engine API (``generate``, ``async_generate``,
 ``abort_request``, ``get_server_info``, ``shutdown``, the refit / sleep / pause verbs), plus
-``health`` and ``generate_stream``. It is an async actor: concurrent ``generate`` calls run as
+``health``, ``generate_stream`` and ``drain_cache_events`` (the prefix cache's page events, for
+the driver's cache-aware router). It is an async actor: concurrent ``generate`` calls run as
 concurrent ``Engine.async_generate`` calls, so they share the engine's batches. Blocking engine
 calls (refit, sleep) run in a thread so ``health`` and ``abort_request`` keep answering.
 
