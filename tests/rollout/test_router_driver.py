@@ -187,3 +187,28 @@ def test_engine_without_drain_rpc_is_routed_by_load(caplog):
     outputs = asyncio.run(rollout(run, interleaved(2)))
     assert len(outputs) == 16
     assert "drain_cache_events failed" in caplog.text
+
+
+def test_concurrent_refreshes_share_one_drain_and_a_hung_engine_keeps_its_entries():
+    fakes = [FakeEngine(PAGE), FakeEngine(PAGE)]
+    run = runner(fakes, "cache_aware", drain_timeout_s=0.2)
+    table, policy = run._engines, run._engines.policy
+
+    async def go():
+        await rollout(run, interleaved(1))
+        policy.feed._last = -float("inf")
+        await asyncio.gather(table.refresh_routing(), table.refresh_routing())
+        assert [f.drains for f in fakes] == [2, 2]  # one drain for both callers
+        before = policy.index.confirmed(1)
+        assert before
+
+        class Hung:
+            def remote(self):
+                return asyncio.sleep(3600)
+
+        fakes[1].drain_cache_events = Hung()
+        policy.feed._last = -float("inf")
+        await table.refresh_routing()  # returns after the timeout
+        assert policy.index.confirmed(1) == before
+
+    asyncio.run(go())
