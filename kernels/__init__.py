@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._triton import HAS_TRITON
 from .attention import paged_attention, store_kv
 from .matmul import linear as batch_invariant_linear
+from .penalties import apply_penalties
 from .rmsnorm import rms_norm
 from .sampling import sample_tokens, seeded_uniform
 
@@ -22,4 +23,5 @@ __all__ = [
     "batch_invariant_linear",
     "seeded_uniform",
     "sample_tokens",
+    "apply_penalties",
 ]

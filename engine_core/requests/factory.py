@@ -99,6 +99,7 @@ class RequestFactory:
         if token_ids is not None:
             token_ids = check_ids(token_ids, f"token_ids_logprob{where}", self.vocab_size)
         self._check_fits(ids, sp, where)
+        self._check_text_stops(sp, where)
         return SeqSpec(
             ids,
             sp,
@@ -135,6 +136,19 @@ class RequestFactory:
                 f"prompt + output need {need} tokens of KV cache, but it holds only "
                 f"{self.pool.capacity_tokens}",
             )
+
+    def _check_text_stops(self, sp: SamplingParams, where: str) -> None:
+        """Stop strings and regexes match decoded text: without a tokenizer they raise, as in
+        SGLang (``min_new_tokens`` works here: the EOS ids come from the model's config)."""
+        if self.tokenizer is not None:
+            return
+        for key in ("stop", "stop_regex"):
+            if getattr(sp, key):
+                raise InvalidRequestError(
+                    f"sampling_params{where}.{key}",
+                    getattr(sp, key),
+                    "needs a tokenizer to decode the output (skip_tokenizer_init=True)",
+                )
 
     def _expand(self, specs: list[SeqSpec]) -> list[Request]:
         reqs = []
