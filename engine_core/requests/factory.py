@@ -74,10 +74,7 @@ class RequestFactory:
         limit = self.max_requests_per_call
         check_request_count(batch or 1, limit, field, f"<{batch} prompts>")
         items = request.items()
-        sps = [
-            SamplingParams.from_dict(item.sampling_params, f"sampling_params{item.where}")
-            for item in items
-        ]
+        sps = _sampling_params(items)
         total = sum(sp.n for sp in sps)  # checked before anything is tokenized or built
         count_field = "sampling_params.n" if batch is None else f"{field} x sampling_params.n"
         check_request_count(total, limit, count_field, total)
@@ -188,6 +185,22 @@ class RequestFactory:
             req.input_top_logprobs.append(None)
             req.input_token_ids_logprobs.append(None)
         return req
+
+
+def _sampling_params(items: list[GenerateItem]) -> list[SamplingParams]:
+    """Each item's validated SamplingParams. A dict broadcast to every prompt is validated
+    once and its SamplingParams shared (as the ``n`` samples of a prompt share one): a batch of
+    thousands with one dict costs one validation."""
+    done: dict[int, SamplingParams] = {}
+    out = []
+    for item in items:
+        key = id(item.sampling_params)
+        if key not in done:
+            done[key] = SamplingParams.from_dict(
+                item.sampling_params, f"sampling_params{item.where}"
+            )
+        out.append(done[key])
+    return out
 
 
 def check_ids(ids: Any, field: str, vocab_size: int) -> list[int]:

@@ -96,6 +96,18 @@ def test_strong_penalty_stops_repeats(engine, hf):
     assert len(set(looped["output_ids"])) == 1  # a negative penalty rewards repeats
 
 
+def test_penalties_reach_the_sampling_rank_with_tp(path, hf, engine):
+    # rank 0 samples in its own process: the penalty state travels in the step plan
+    params = dict(GREEDY, repetition_penalty=1.5, presence_penalty=1.0, min_new_tokens=4)
+    with Engine(path, device="cpu", tp_size=2) as eng:
+        out = eng.generate(input_ids=PROMPT, sampling_params=params, return_logprob=True)
+    eos = engine.model_config.eos_token_ids
+    ref_ids, ref_lps = reference_greedy(hf, PROMPT, NEW, eos, 4, r=1.5, p=1.0)
+    assert out["output_ids"] == ref_ids
+    got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+    assert max(abs(a - b) for a, b in zip(got, ref_lps)) < 1e-4
+
+
 def test_prompt_tokens_are_not_penalized(engine):
     # SGLang's penalizers count output tokens only: a prompt made of the token greedy decoding
     # picks first still lets that token be picked first.
