@@ -135,8 +135,10 @@ class OutputBuilder:
             full = text or ""
         else:
             full = stable_prefix(self.decode(req))
-            hold = max((len(s) for s in req.params.stop), default=1) - 1
-            full = full[: len(full) - hold] if hold else full  # may yet become a stop string
+            # may yet become a stop string (or a regex found literally, which trims too)
+            texts = req.params.stop + req.params.stop_regex
+            hold = max((len(s) for s in texts), default=1) - 1
+            full = full[: len(full) - hold] if hold else full
         new_ids = req.output_ids[state.sent_tokens :]
         new_text = full[len(state.sent_text) :] if len(full) > len(state.sent_text) else ""
         if not final and not new_ids:

@@ -221,6 +221,18 @@ def test_no_stop_trim_keeps_the_stop_string_and_stop_token(engine, plain):
     assert whole["text"] == engine.tokenizer.decode(ids)
 
 
+@pytest.mark.parametrize("key,no_trim", [("stop", False), ("stop", True), ("stop_regex", False)])
+def test_stream_chunks_concatenate_to_the_trimmed_text(engine, plain, key, no_trim):
+    text = plain["text"]
+    sub = next(text[i : i + 2] for i in range(2, len(text)) if text[i : i + 2].isalnum())
+    params = dict(GREEDY, **{key: sub}, no_stop_trim=no_trim)
+    whole = engine.generate(input_ids=PROMPT, sampling_params=params)
+    chunks = list(engine.generate(input_ids=PROMPT, sampling_params=params, stream=True))
+    assert whole["meta_info"]["finish_reason"]["matched"] == sub
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert sum((c["output_ids"] for c in chunks), []) == whole["output_ids"]
+
+
 class RecordingTokenizer:
     def __init__(self) -> None:
         self.calls: list[dict] = []
