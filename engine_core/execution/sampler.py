@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from engine_core.scheduling.step_plan import StepPlan, StepResult
+from engine_core.scheduling.step_plan import PenaltySpec, StepPlan, StepResult
 
 
 def sample_step(logits: torch.Tensor, plan: StepPlan) -> StepResult:
@@ -73,7 +73,9 @@ def penalized_logits(logits: torch.Tensor, plan: StepPlan) -> torch.Tensor:
     return logits.float().index_copy(0, rows, penalized)
 
 
-def _scatter_index(specs, vocab: int) -> tuple[tuple[list, list, list], tuple[list, list]]:
+def _scatter_index(
+    specs: list[tuple[int, PenaltySpec]], vocab: int
+) -> tuple[tuple[list, list, list], tuple[list, list]]:
     """(rows, ids, counts) of the counted tokens and (rows, ids) of the banned ones."""
     c_rows: list[int] = []
     c_ids: list[int] = []
