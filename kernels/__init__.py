@@ -2,6 +2,7 @@
 
 Every op has ``<op>_ref`` (torch; the engine's CPU path), ``<op>_triton`` (defined only when Triton
 is importable) and a dispatcher that uses Triton for CUDA tensors and the torch path otherwise.
+``apply_penalties`` (SGLang's sampling penalties) is elementwise torch on every device.
 All of them are batch invariant: a row's / request's result is bitwise independent of what else
 is in the batch (see each module's docstring for the contract).
 """
