@@ -106,3 +106,23 @@ def test_eviction_makes_room_instead_of_retracting(tiny_model, uncached_tokens):
         evicted = engine.get_server_info()["prefix_cache"]["evicted_pages"]
     assert [o["output_ids"] for o in outs] == uncached_tokens
     assert info["num_retractions"] == 0 and evicted > 0
+
+
+@pytest.mark.slow  # two TP engines (rank processes)
+def test_tp2_hits_equal_misses_bitwise(tiny_model):
+    """Bookkeeping lives on rank 0; every rank reads the shared pages from the plan."""
+    kw = dict(KW, tp_size=2, deterministic=True)
+    params = dict(GREEDY, n=3, temperature=1.0, sampling_seed=5)
+    runs = []
+    for enabled in (False, True):
+        with Engine(tiny_model, enable_prefix_cache=enabled, **kw) as engine:
+            runs.append(
+                engine.generate(
+                    input_ids=QUESTIONS[:2], sampling_params=params, return_logprob=True
+                )
+            )
+    off, on = runs
+    assert [o["output_ids"] for o in on] == [o["output_ids"] for o in off]
+    logprobs = [[lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]] for o in on]
+    assert logprobs == [[lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]] for o in off]
+    assert sum(o["meta_info"]["cached_tokens"] for o in on) == 5 * 40
