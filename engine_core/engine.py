@@ -4,7 +4,8 @@ The constructor builds the engine's parts in order; every verb delegates to the 
 it. A request: ``GenerateRequest`` -> ``RequestFactory`` (validated, one ``Request`` per
 sample) -> the background ``EngineLoop`` (scheduler, ranks) -> a sink -> the output dict.
 Logprobs are ``log_softmax(logits / T)`` over the full vocabulary, with ``T`` the request's
-temperature (1.0 when greedy) -- what a trainer recomputes.
+temperature (1.0 when greedy) -- what a trainer recomputes; with a sampling penalty, of the
+penalized logits (as SGLang).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from engine_core.errors import ModelLoadError
@@ -28,6 +29,29 @@ def find_stop_string(text: str, stops: list[str]) -> tuple[int, str] | None:
         if index >= 0 and (best is None or index < best[0]):
             best = (index, stop)
     return best
+
+
+def find_stop_regex(text: str, patterns: list[str]) -> str | None:
+    """The first of ``patterns`` that ``re.search`` finds in ``text`` (SGLang's stop_regex).
+
+    SGLang searches a tail of the output long enough for the longest possible match; this
+    searches the whole output text, which finds the same matches for unanchored patterns
+    (``^`` anchors at the start of the output here, at the start of that tail there)."""
+    for pattern in patterns:
+        if re.search(pattern, text) is not None:
+            return pattern
+    return None
+
+
+def trim_matched_stop(text: str, matched: str, no_stop_trim: bool) -> str:
+    """SGLang's detokenizer trimming of a stop-string / stop-regex finish: cut ``text`` at the
+    first occurrence of ``matched`` (kept with ``no_stop_trim``, anything after it dropped);
+    unchanged when ``matched`` does not occur literally -- as SGLang, which reports a regex
+    finish with the pattern as ``matched``, so a regex's text is usually left whole."""
+    pos = text.find(matched)
+    if pos < 0:
+        return text
+    return text[: pos + len(matched)] if no_stop_trim else text[:pos]
 
 
 def stable_prefix(text: str) -> str:

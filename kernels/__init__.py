@@ -2,6 +2,7 @@
 
 Every op has ``<op>_ref`` (torch; the engine's CPU path), ``<op>_triton`` (defined only when Triton
 is importable) and a dispatcher that uses Triton for CUDA tensors and the torch path otherwise.
+``apply_penalties`` (SGLang's sampling penalties) is elementwise torch on every device.
 All of them are batch invariant: a row's / request's result is bitwise independent of what else
 is in the batch (see each module's docstring for the contract).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from ._triton import HAS_TRITON
 from .attention import paged_attention, store_kv
 from .matmul import linear as batch_invariant_linear
+from .penalties import apply_penalties
 from .rmsnorm import rms_norm
 from .sampling import sample_tokens, seeded_uniform
 
@@ -22,4 +24,5 @@ __all__ = [
     "batch_invariant_linear",
     "seeded_uniform",
     "sample_tokens",
+    "apply_penalties",
 ]

@@ -74,10 +74,7 @@ class RequestFactory:
         limit = self.max_requests_per_call
         check_request_count(batch or 1, limit, field, f"<{batch} prompts>")
         items = request.items()
-        sps = [
-            SamplingParams.from_dict(item.sampling_params, f"sampling_params{item.where}")
-            for item in items
-        ]
+        sps = _sampling_params(items)
         total = sum(sp.n for sp in sps)  # checked before anything is tokenized or built
         count_field = "sampling_params.n" if batch is None else f"{field} x sampling_params.n"
         check_request_count(total, limit, count_field, total)
@@ -99,6 +96,7 @@ class RequestFactory:
         if token_ids is not None:
             token_ids = check_ids(token_ids, f"token_ids_logprob{where}", self.vocab_size)
         self._check_fits(ids, sp, where)
+        self._check_text_stops(sp, where)
         return SeqSpec(
             ids,
             sp,
@@ -135,6 +133,19 @@ class RequestFactory:
                 f"prompt + output need {need} tokens of KV cache, but it holds only "
                 f"{self.pool.capacity_tokens}",
             )
+
+    def _check_text_stops(self, sp: SamplingParams, where: str) -> None:
+        """Stop strings and regexes match decoded text: without a tokenizer they raise, as in
+        SGLang (``min_new_tokens`` works here: the EOS ids come from the model's config)."""
+        if self.tokenizer is not None:
+            return
+        for key in ("stop", "stop_regex"):
+            if getattr(sp, key):
+                raise InvalidRequestError(
+                    f"sampling_params{where}.{key}",
+                    getattr(sp, key),
+                    "needs a tokenizer to decode the output (skip_tokenizer_init=True)",
+                )
 
     def _expand(self, specs: list[SeqSpec]) -> list[Request]:
         reqs = []
@@ -174,6 +185,22 @@ class RequestFactory:
             req.input_top_logprobs.append(None)
             req.input_token_ids_logprobs.append(None)
         return req
+
+
+def _sampling_params(items: list[GenerateItem]) -> list[SamplingParams]:
+    """Each item's validated SamplingParams. A dict broadcast to every prompt is validated
+    once and its SamplingParams shared (as the ``n`` samples of a prompt share one): a batch of
+    thousands with one dict costs one validation."""
+    done: dict[int, SamplingParams] = {}
+    out = []
+    for item in items:
+        key = id(item.sampling_params)
+        if key not in done:
+            done[key] = SamplingParams.from_dict(
+                item.sampling_params, f"sampling_params{item.where}"
+            )
+        out.append(done[key])
+    return out
 
 
 def check_ids(ids: Any, field: str, vocab_size: int) -> list[int]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine_core.requests.request import Request
-from engine_core.tokenizer import stable_prefix
+from engine_core.tokenizer import stable_prefix, trim_matched_stop
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,15 @@ def _logprob_fields(req: Request) -> dict[str, Any]:
     return fields
 
 
+def _stop_matched(req: Request) -> int | str | None:
+    """What a stop finish matched (a token id, a stop string or a regex), else None."""
+    reason = req.finish_reason
+    if not reason or reason.get("type") != "stop":
+        return None
+    matched = reason.get("matched")
+    return None if isinstance(matched, bool) else matched
+
+
 def final_output(req: Request, text: str, weight_version: str) -> dict[str, Any]:
     return {
         "text": text,
@@ -96,11 +105,24 @@ class OutputBuilder:
         self.weight_version = weight_version
 
     def decode(self, req: Request) -> str:
+        """The request's output text: all of it while running; once finished by a stop, trimmed
+        as SGLang's detokenizer does (``tokenizer.trim_matched_stop``; a stop token
+        is dropped from the decoded ids unless ``no_stop_trim``)."""
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(
-            req.output_ids, skip_special_tokens=req.params.skip_special_tokens
+        params = req.params
+        ids = req.output_ids
+        matched = _stop_matched(req)
+        if isinstance(matched, int) and not params.no_stop_trim and ids:
+            ids = ids[:-1]  # a stop token (EOS, stop_token_ids) is not part of the text
+        text = self.tokenizer.decode(
+            ids,
+            skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
         )
+        if isinstance(matched, str):
+            text = trim_matched_stop(text, matched, params.no_stop_trim)
+        return text
 
     def final(self, req: Request, text: str) -> dict[str, Any]:
         self.release([req.rid])
@@ -113,8 +135,10 @@ class OutputBuilder:
             full = text or ""
         else:
             full = stable_prefix(self.decode(req))
-            hold = max((len(s) for s in req.params.stop), default=1) - 1
-            full = full[: len(full) - hold] if hold else full  # may yet become a stop string
+            # may yet become a stop string (or a regex found literally, which trims too)
+            texts = req.params.stop + req.params.stop_regex
+            hold = max((len(s) for s in texts), default=1) - 1
+            full = full[: len(full) - hold] if hold else full
         new_ids = req.output_ids[state.sent_tokens :]
         new_text = full[len(state.sent_text) :] if len(full) > len(state.sent_text) else ""
         if not final and not new_ids:

@@ -49,6 +49,9 @@ class Request:
     finish_reason: dict | None = None
     num_retractions: int = 0
     created_at: float = field(default_factory=time.monotonic)  # submission (e2e_latency)
+    # output token -> count, for the penalties; a cache of output_ids (see output_counts)
+    _counts: dict[int, int] = field(default_factory=dict, repr=False)
+    _counted: int = field(default=0, repr=False)
 
     @property
     def all_ids(self) -> list[int]:
@@ -65,6 +68,17 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def output_counts(self) -> dict[int, int]:
+        """How often each token occurs in ``output_ids`` (the prompt is not counted, as in
+        SGLang's penalizers). Derived from ``output_ids`` alone, so a retracted and recomputed
+        request keeps its penalty state; updated incrementally (each token is counted once)."""
+        if self._counted > len(self.output_ids):  # never shrinks today; recount if it does
+            self._counts, self._counted = {}, 0
+        for tok in self.output_ids[self._counted :]:
+            self._counts[tok] = self._counts.get(tok, 0) + 1
+        self._counted = len(self.output_ids)
+        return self._counts
 
     @property
     def input_logprob_start(self) -> int:

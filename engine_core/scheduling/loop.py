@@ -18,7 +18,7 @@ from engine_core.control.pause import PauseController
 from engine_core.requests.request import Request
 from engine_core.scheduling.scheduler import Chunk, Scheduler
 from engine_core.scheduling.step_plan import StepPlan, StepResult, build_plan
-from engine_core.tokenizer import find_stop_string
+from engine_core.tokenizer import find_stop_regex, find_stop_string
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class EngineLoop:
             return
         started = time.perf_counter()
         try:
-            result = self.execute(build_plan(chunks))
+            result = self.execute(build_plan(chunks, self.eos_ids))
         except Exception as exc:  # a failed step must not kill the loop or strand callers
             log.exception("engine step failed")
             for chunk in chunks:
@@ -247,11 +247,12 @@ class EngineLoop:
             return self._finish(req, {"type": "stop", "matched": token})
         if token in params.stop_token_ids:
             return self._finish(req, {"type": "stop", "matched": token})
-        if params.stop:
+        if params.stop or params.stop_regex:
             text = self.decode(req)
             hit = find_stop_string(text, params.stop)
-            if hit is not None:
-                return self._finish(req, {"type": "stop", "matched": hit[1]}, text[: hit[0]])
+            matched = hit[1] if hit is not None else find_stop_regex(text, params.stop_regex)
+            if matched is not None:  # the sink's text is trimmed by the decode (outputs.py)
+                return self._finish(req, {"type": "stop", "matched": matched})
         if len(req.output_ids) >= req.max_new_tokens:
             return self._finish(req, {"type": "length", "length": len(req.output_ids)})
         sink = self._sinks.get(req.rid)

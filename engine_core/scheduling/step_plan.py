@@ -3,6 +3,7 @@ the other TP ranks). Built from scheduler chunks; turned into tensors only by th
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine_core.requests.request import Request
@@ -19,6 +20,22 @@ class SeqPlan:
 
 
 @dataclass
+class PenaltySpec:
+    """What a sampled row's logits are penalized by this step (SGLang's penalizers), derived
+    from the request's output tokens: ``token_ids`` / ``counts`` are its distinct output
+    tokens and their counts (only when a frequency / presence / repetition penalty is set);
+    ``banned_ids`` get -inf while ``min_new_tokens`` is not reached (EOS and stop ids).
+    Carried in the plan so every TP rank (rank 0 samples) sees the same, small per step."""
+
+    frequency: float = 0.0
+    presence: float = 0.0
+    repetition: float = 1.0
+    token_ids: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    banned_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
 class SampleSpec:
     logit_row: int  # index into StepPlan.logit_rows
     temperature: float
@@ -27,6 +44,7 @@ class SampleSpec:
     min_p: float
     seed: int
     position: int  # position of the token being sampled; with the seed it fixes the draw
+    penalty: PenaltySpec | None = None  # None: the logits are sampled as they are
 
 
 @dataclass
@@ -52,8 +70,11 @@ class StepResult:
     token_ids_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
 
 
-def build_plan(chunks: list[Chunk]) -> StepPlan:
-    """Flatten chunks into a StepPlan; records which rows score prompt tokens or sample."""
+def build_plan(chunks: list[Chunk], eos_ids: Iterable[int] = ()) -> StepPlan:
+    """Flatten chunks into a StepPlan; records which rows score prompt tokens or sample.
+    ``eos_ids`` (the model's) are banned with the stop ids while ``min_new_tokens`` is not
+    reached."""
+    eos = sorted(set(eos_ids))
     plan = StepPlan()
     row = 0
     for chunk in chunks:
@@ -78,6 +99,7 @@ def build_plan(chunks: list[Chunk]) -> StepPlan:
                     p.min_p,
                     req.seed,
                     req.num_tokens,
+                    penalty_spec(req, eos),
                 )
             )
         row += chunk.length
@@ -91,3 +113,23 @@ def _add_logit_row(plan: StepPlan, req: Request, row: int, target: int) -> None:
     plan.top_logprobs.append(req.top_logprobs_num if req.return_logprob else 0)
     plan.token_ids.append(req.token_ids_logprob if req.return_logprob else None)
     plan.want_logprobs = plan.want_logprobs or req.return_logprob
+
+
+def penalty_spec(req: Request, eos_ids: list[int]) -> PenaltySpec | None:
+    """The row's penalties this step, or None when none applies (the common case: nothing
+    extra is pickled). ``min_new_tokens`` bans EOS even with ``ignore_eos``, as SGLang."""
+    p = req.params
+    banned: list[int] = []
+    if len(req.output_ids) < p.min_new_tokens:
+        banned = sorted(set(eos_ids) | set(p.stop_token_ids))
+    if not p.penalized and not banned:
+        return None
+    ids: list[int] = []
+    counts: list[int] = []
+    if p.penalized:
+        items = sorted(req.output_counts().items())
+        ids = [tok for tok, _ in items]
+        counts = [n for _, n in items]
+    return PenaltySpec(
+        p.frequency_penalty, p.presence_penalty, p.repetition_penalty, ids, counts, banned
+    )

@@ -89,10 +89,58 @@ BAD_SAMPLING = [
     ("sampling_seed", 1.5),
     ("sampling_seed", "7"),
     ("sampling_seed", True),
+    ("frequency_penalty", 2.5),
+    ("frequency_penalty", -2.01),
+    ("frequency_penalty", "1"),
+    ("frequency_penalty", True),
+    ("frequency_penalty", float("nan")),
+    ("presence_penalty", -3),
+    ("presence_penalty", [1.0]),
+    ("repetition_penalty", 0),
+    ("repetition_penalty", 2.5),
+    ("repetition_penalty", -1.0),
+    ("repetition_penalty", float("inf")),
+    ("min_new_tokens", -1),
+    ("min_new_tokens", 1.5),
+    ("min_new_tokens", True),
+    ("min_new_tokens", "2"),
+    ("min_new_tokens", 129),  # > max_new_tokens (128 by default)
+    ("stop_regex", 5),
+    ("stop_regex", ["ok", 3]),
+    ("stop_regex", "(unclosed"),
+    ("stop_regex", ""),
+    ("stop_regex", [""]),
+    ("stop_regex", b"x"),
+    ("stop_regex", "a{99999999999}"),
+    ("no_stop_trim", "yes"),
+    ("no_stop_trim", 1),
+    ("spaces_between_special_tokens", 0),
+    ("custom_params", 5),
+    ("custom_params", "x"),
+    ("custom_params", [1]),
+    ("custom_params", {1: 2}),
 ]
 CASES += [
     (dict(input_ids=IDS, sampling_params={key: value}), f"sampling_params.{key}", repr(value)[:20])
     for key, value in BAD_SAMPLING
+]
+# A bad value inside custom_params names its key.
+CASES += [
+    (
+        dict(input_ids=IDS, sampling_params={"custom_params": {"a": [[1]]}}),
+        "custom_params.a",
+        "[[1]]",
+    ),
+    (
+        dict(input_ids=IDS, sampling_params={"custom_params": {"b": {"c": [1]}}}),
+        "custom_params.b",
+        "{'c': [1]}",
+    ),
+    (
+        dict(input_ids=IDS, sampling_params={"custom_params": {"d": b"x"}}),
+        "custom_params.d",
+        "b'x'",
+    ),
 ]
 # The other generate arguments.
 CASES += [
@@ -308,6 +356,23 @@ FIELDS = {
     "n": st.integers(1, 3),
     "sampling_seed": st.one_of(st.none(), st.integers(-(2**80), 2**80)),
     "skip_special_tokens": st.booleans(),
+    "frequency_penalty": st.floats(-2.0, 2.0),
+    "presence_penalty": st.floats(-2.0, 2.0),
+    "repetition_penalty": st.floats(0.0, 2.0, exclude_min=True),
+    "min_new_tokens": st.integers(0, 4),  # above max_new_tokens: a typed error
+    "stop_regex": st.one_of(
+        st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=2)
+    ),
+    "no_stop_trim": st.booleans(),
+    "spaces_between_special_tokens": st.booleans(),
+    "custom_params": st.one_of(
+        st.none(),
+        st.dictionaries(
+            st.text(max_size=3),
+            st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=3)),
+            max_size=2,
+        ),
+    ),
 }
 SAMPLING = st.fixed_dictionaries({}, optional=FIELDS)
 VALID_IDS = st.lists(st.integers(0, 319), min_size=1, max_size=8)
