@@ -98,6 +98,9 @@ def from_validation(errors: list[dict[str, Any]]) -> HTTPError:
     for err in errors:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         params.append(loc)
+        if err.get("type") == "missing":
+            parts.append(f"missing {loc}: a required field")
+            continue
         shown = repr(err.get("input"))
         shown = shown if len(shown) <= 200 else shown[:200] + "..."
         parts.append(f"invalid {loc}={shown}: {err.get('msg')}")

@@ -113,6 +113,8 @@ async def generate(request: Request):
             if with_text:
                 add_token_text(out, tokenizer)
         return state.json(outputs)
+    if req.batch_size is not None:
+        raise bad_request("stream", True, "streaming takes one prompt (send one per request)")
     if req.rid is None:
         req.rid = uuid.uuid4().hex
     stream = await OpenStream.open(state.backend, req)
