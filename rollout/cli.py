@@ -61,10 +61,8 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _config(args: argparse.Namespace):
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
-
-    from rollout.config import load_config
 
     overrides: dict[str, Any] = {}
     for item in args.set:
@@ -72,6 +70,13 @@ def _config(args: argparse.Namespace):
         if not sep or not key:
             raise SystemExit(f"rollout: --set takes FIELD=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _config(args: argparse.Namespace):
+    from rollout.config import load_config
+
+    overrides = _overrides(args)
     if args.model_path is not None:
         overrides["model_path"] = args.model_path
     return load_config(args.config, **overrides)
@@ -171,12 +176,11 @@ def _serve_backend(args: argparse.Namespace):
     from rollout.http.service_backend import ServiceBackend
     from rollout.service import deploy
 
-    config = (
-        _config(args)
-        if args.config is not None
-        else ServiceConfig(model_path=args.model_path, num_engines=args.num_engines)
-    )
-    if args.config is not None and args.num_engines != 1:
+    if args.config is not None:
+        config = _config(args)
+    else:
+        config = ServiceConfig.from_dict({"model_path": args.model_path, **_overrides(args)})
+    if args.num_engines != 1:
         config = dataclasses.replace(config, num_engines=args.num_engines)
     if engine_kwargs:
         config = dataclasses.replace(config, engine={**config.engine, **engine_kwargs})

@@ -12,48 +12,12 @@ import threading
 import httpx
 import pytest
 from safetensors.torch import load_file
+from trainer import stock_trainer
 
 from engine_core import Engine
 from weight_sync import free_port
 
 GREEDY = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
-
-
-def _trainer(port: int, group: str, weights: str, names: list[str], rounds: int, q) -> None:
-    """Rank 0 of a world of 2 (the server's engine is rank 1): broadcasts ``names`` per round."""
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # this sandbox: loopback only
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import (
-        Backend,
-        PrefixStore,
-        _new_process_group_helper,
-        _world,
-        rendezvous,
-    )
-
-    try:
-        timeout = timedelta(seconds=60)
-        store, rank, world = next(rendezvous(f"tcp://127.0.0.1:{port}", 0, 2, timeout=timeout))
-        store.set_timeout(timeout)
-        pg, _ = _new_process_group_helper(
-            world,
-            rank,
-            [],
-            Backend("gloo"),
-            PrefixStore(group, store),
-            group_name=group,
-            timeout=timeout,
-        )
-        _world.pg_group_ranks[pg] = {i: i for i in range(world)}
-        tensors = load_file(weights)
-        for _ in range(rounds):
-            for name in names:
-                dist.broadcast(tensors[name], src=0, group=pg)
-            q.put("sent")
-    except BaseException as exc:  # reported to the test
-        q.put(f"{type(exc).__name__}: {exc}")
 
 
 def test_refit_over_http_from_a_trainer_process(server, tiny_model_v2):
@@ -65,7 +29,7 @@ def test_refit_over_http_from_a_trainer_process(server, tiny_model_v2):
     port, group = free_port(), "http-refit"
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    trainer = ctx.Process(target=_trainer, args=(port, group, weights, names, 1, q))
+    trainer = ctx.Process(target=stock_trainer, args=(port, 2, group, weights, names, q))
     trainer.start()
     client = httpx.Client(base_url=server.url, timeout=120)
     try:
