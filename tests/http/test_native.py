@@ -238,3 +238,21 @@ def test_metrics_prometheus_text(client):
     assert samples['rollout:generated_tokens_total{engine="0"}'] >= 6
     assert any(k.startswith("rollout:weight_version_info{") for k in samples)
     assert "sglang:cache_hit_rate" not in response.text  # no prefix cache in this engine yet
+
+
+def test_a_client_leaving_mid_stream_aborts_its_request(server, client):
+    import time
+
+    long = {"temperature": 0, "max_new_tokens": 250, "ignore_eos": True}
+    payload = {"input_ids": [7, 8, 9], "sampling_params": long, "stream": True, "rid": "leaver"}
+    before = client.get("/get_server_info").json()["generated_tokens"]
+    with httpx.Client(base_url=server.url, timeout=60) as other:
+        with other.stream("POST", "/generate", json=payload) as response:
+            next(line for line in response.iter_lines() if line.startswith("data: "))
+        # the connection is closed here, long before 250 tokens
+    deadline = time.monotonic() + 60
+    while client.get("/get_load").json()[0]["num_reqs"]:
+        assert time.monotonic() < deadline, "the abandoned request kept running"
+        time.sleep(0.1)
+    generated = client.get("/get_server_info").json()["generated_tokens"] - before
+    assert 1 <= generated < 250  # aborted, not run to its 250 tokens
