@@ -46,6 +46,9 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
     parser.add_argument("--served-model-name", default=None, help="the OpenAI model name")
     parser.add_argument(
+        "--max-body-mb", type=int, default=1024, help="largest request body (413 above it)"
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -197,6 +200,7 @@ def cmd_serve(args: argparse.Namespace, stop: threading.Event | None = None) -> 
         port=args.port,
         api_key=args.api_key,
         served_model_name=args.served_model_name,
+        max_body_bytes=args.max_body_mb << 20,
     )
     return run(_serve_backend(args), http, stop)
 

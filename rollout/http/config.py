@@ -15,14 +15,15 @@ class HTTPConfig:
     the server answers to (None: the model path). ``incremental_streaming_output``: SGLang's
     server flag; False (its default) makes ``/generate`` stream chunks cumulative (each chunk's
     ``text``/``output_ids`` are everything so far), True sends only what is new.
-    ``max_body_bytes`` bounds one request body (413 above it)."""
+    ``max_body_bytes`` bounds one request body (413 above it; 1 GiB: a base64 checkpoint for
+    ``/update_weights_from_tensor`` fits)."""
 
     host: str = "127.0.0.1"
     port: int = 30000
     api_key: str | None = None
     served_model_name: str | None = None
     incremental_streaming_output: bool = False
-    max_body_bytes: int = 64 << 20
+    max_body_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:

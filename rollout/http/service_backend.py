@@ -6,7 +6,10 @@ verbs fan out to every engine. A distributed refit is all or none, as ``WeightSy
 it: every engine stages the update (``commit=False``) while the trainer broadcasts, then every
 engine commits -- or, if any failed, every engine discards and the error is answered. The
 weight-update group spans every engine rank: engine ``i``'s ranks start at ``rank_offset +
-i * tp_size``, so a trainer sizes ``world_size = 1 + num_engines * tp_size``.
+i * tp_size``, so a trainer sizes ``world_size = 1 + num_engines * tp_size``. A tensor refit
+(``/update_weights_from_tensor``) has no staged phase: it goes to every engine and the first
+failure is answered (engines that succeeded keep the new weights; the versions endpoint shows
+which).
 """
 
 from __future__ import annotations

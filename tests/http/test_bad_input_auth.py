@@ -14,7 +14,9 @@ OK = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}}
 
 @pytest.fixture(scope="module")
 def keyed(chat_model):
-    proc = ServerProcess(["--model-path", chat_model, "--api-key", KEY, *ENGINE])
+    proc = ServerProcess(
+        ["--model-path", chat_model, "--api-key", KEY, "--max-body-mb", "4", *ENGINE]
+    )
     yield proc
     proc.stop()
 
@@ -116,7 +118,7 @@ def test_bad_completions(client, body, status, field):
 
 
 def test_oversize_body_is_a_413(client):
-    huge = b'{"input_ids": [' + b"1," * (40 << 20) + b"1]}"
+    huge = b'{"input_ids": [' + b"1," * (3 << 20) + b"1]}"  # 6 MiB, over --max-body-mb 4
     response = client.post("/generate", content=huge, headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and "body" in response.json()["message"]
     assert client.post("/generate", json=OK).status_code == 200
