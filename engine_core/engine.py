@@ -373,6 +373,20 @@ class Engine:
         head is ``model.embed_tokens.weight`` (ask for ``lm_head.weight`` explicitly)."""
         return self.refitter.checksums(names)
 
+    def update_weight_version(self, new_version: str, abort_all_requests: bool = False) -> dict:
+        """SGLang's ``update_weight_version``: relabel the current weights (no weight changes;
+        between two steps, so every later token carries the new label)."""
+        if not isinstance(new_version, str) or not new_version:
+            raise InvalidRequestError("new_version", new_version, "must be a non-empty str")
+        if abort_all_requests:
+            self.abort_request(abort_all=True)
+        version = self.loop.call(lambda: self.versions.relabel(new_version))
+        return {
+            "success": True,
+            "message": f"Weight version updated to {version}",
+            "new_version": version,
+        }
+
     # ------------------------------------------------------------------ RL control
     def release_memory_occupation(self, tags: Iterable[str] | str | None = None) -> dict:
         """Free the engine's ``tags`` memory ("weights", "kv_cache"; None: both; SGLang's

@@ -1,7 +1,10 @@
 """Command line: ``rollout demo`` (GRPO on the default model; ``--sample-only``: a rollout),
-``rollout serve`` and ``rollout generate`` (the Ray service from a YAML in ``configs/``).
+``rollout serve`` (HTTP: SGLang's endpoints and the OpenAI API over one in-process engine, or
+over the Ray service with ``--num-engines K`` / ``--config``) and ``rollout generate`` (the Ray
+service from a YAML in ``configs/``).
 
-    rollout serve --config configs/local.yaml
+    rollout serve --model-path DIR --port 30000
+    rollout serve --config configs/local.yaml --port 30000
     rollout generate --config configs/local.yaml --prompts prompts.jsonl --output out.jsonl
 
 ``--prompts`` is JSON Lines: each line is a string, or an object with ``prompt`` (text) or
@@ -12,8 +15,8 @@ one JSON line per sample: ``{"index", "sample", "text", "output_ids", "meta_info
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import signal
 import sys
 import threading
 from typing import Any, TextIO
@@ -31,10 +34,38 @@ def _add_service_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _config(args: argparse.Namespace):
-    import yaml
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-path", default=None, help="HF directory (default: SmolLM2-135M)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
+    parser.add_argument("--port", type=int, default=30000, help="0: any free port")
+    parser.add_argument("--tp-size", type=int, default=None, help="tensor-parallel ranks")
+    parser.add_argument(
+        "--num-engines", type=int, default=1, help="more than 1: the Ray service fronted"
+    )
+    parser.add_argument("--config", default=None, help="service YAML: the Ray service fronted")
+    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    parser.add_argument("--served-model-name", default=None, help="the OpenAI model name")
+    parser.add_argument(
+        "--max-body-mb", type=int, default=1024, help="largest request body (413 above it)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=YAML",
+        help="override a service config field (with --config / --num-engines > 1)",
+    )
+    parser.add_argument(
+        "--engine",
+        action="append",
+        default=[],
+        metavar="FIELD=YAML",
+        help="an Engine keyword (EngineConfig or SGLang ServerArgs name), e.g. device=cpu",
+    )
 
-    from rollout.config import load_config
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
 
     overrides: dict[str, Any] = {}
     for item in args.set:
@@ -42,6 +73,13 @@ def _config(args: argparse.Namespace):
         if not sep or not key:
             raise SystemExit(f"rollout: --set takes FIELD=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _config(args: argparse.Namespace):
+    from rollout.config import load_config
+
+    overrides = _overrides(args)
     if args.model_path is not None:
         overrides["model_path"] = args.model_path
     return load_config(args.config, **overrides)
@@ -113,28 +151,58 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    kwargs: dict[str, Any] = {}
+    for item in args.engine:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"rollout: --engine takes FIELD=VALUE, got {item!r}")
+        kwargs[key] = yaml.safe_load(value)
+    if args.tp_size is not None:
+        kwargs["tp_size"] = args.tp_size
+    return kwargs
+
+
+def _serve_backend(args: argparse.Namespace):
+    """One in-process engine (no Ray) unless a config or ``--num-engines`` > 1 asks for the
+    Ray service."""
+    engine_kwargs = _engine_kwargs(args)
+    if args.config is None and args.num_engines == 1:
+        from engine_core import Engine
+        from engine_core.default_model import ensure_default_model
+        from rollout.http.engine_backend import EngineBackend
+
+        return EngineBackend(Engine(args.model_path or ensure_default_model(), **engine_kwargs))
+    from rollout.config import ServiceConfig
+    from rollout.http.service_backend import ServiceBackend
+    from rollout.service import deploy
+
+    if args.config is not None:
+        config = _config(args)
+    else:
+        config = ServiceConfig.from_dict({"model_path": args.model_path, **_overrides(args)})
+    if args.num_engines != 1:
+        config = dataclasses.replace(config, num_engines=args.num_engines)
+    if engine_kwargs:
+        config = dataclasses.replace(config, engine={**config.engine, **engine_kwargs})
+    return ServiceBackend(deploy(config))
+
+
 def cmd_serve(args: argparse.Namespace, stop: threading.Event | None = None) -> int:
-    """Deploy and keep the service up until SIGINT/SIGTERM (or ``stop`` is set)."""
-    import ray
+    """Serve HTTP (SGLang's endpoints and the OpenAI API) until SIGINT/SIGTERM (or ``stop``)."""
+    from rollout.http.config import HTTPConfig
+    from rollout.http.server import run
 
-    from rollout.service import NAMESPACE, deploy
-
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-    with deploy(_config(args)) as service:
-        where = [h and h["node_id"][:12] for h in service.health()]
-        print(
-            f"rollout service {service.name!r} up: {len(service.engines)} engines on nodes {where}"
-            f"; Ray at {ray.get_runtime_context().gcs_address}\n"
-            f"connect: ray.init(address=...); ray.get_actor({service.name!r}, "
-            f"namespace={NAMESPACE!r}).generate.remote(...)",
-            flush=True,
-        )
-        stop.wait()
-        print("rollout service shutting down", flush=True)
-    return 0
+    http = HTTPConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        max_body_bytes=args.max_body_mb << 20,
+    )
+    return run(_serve_backend(args), http, stop)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=48, help="--sample-only")
     demo.add_argument("--engines", type=int, default=2, help="--sample-only: engine actors")
     demo.add_argument("--in-process", action="store_true", help="--sample-only: no Ray")
-    serve = sub.add_parser("serve", help="run the Ray rollout service until interrupted")
-    _add_service_args(serve)
+    serve = sub.add_parser("serve", help="serve HTTP (SGLang + OpenAI API) until interrupted")
+    _add_serve_args(serve)
     gen = sub.add_parser("generate", help="roll out a JSONL of prompts through the service")
     _add_service_args(gen)
     gen.add_argument("--prompts", required=True, help="JSONL of prompts")

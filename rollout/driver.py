@@ -88,6 +88,13 @@ class RolloutDriver:
         Poll ``progress(rollout_id)`` meanwhile."""
         return await self._groups.generate(GenerateRequest.of(*args, **kwargs), rollout_id)
 
+    @takes_generate_request
+    async def generate_stream(self, *args: Any, **kwargs: Any):
+        """Streaming generator (one prompt, n=1) on the engine the policy picks: refs of
+        incremental chunks (``EngineActor.generate_stream``), ``meta_info.engine_index`` set."""
+        async for chunk in self._groups.stream(GenerateRequest.of(*args, **kwargs)):
+            yield chunk
+
     @takes_partial_request
     async def generate_partial(
         self,

@@ -251,3 +251,6 @@ class EngineActor:
 
     async def continue_generation(self, *args: Any, **kwargs: Any):
         return await self._forward("continue_generation", *args, **kwargs)
+
+    async def update_weight_version(self, *args: Any, **kwargs: Any):
+        return await self._forward("update_weight_version", *args, **kwargs)

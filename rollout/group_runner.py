@@ -13,9 +13,10 @@ Pure asyncio over Ray handles; no torch.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,6 +207,24 @@ class GroupRunner:
         finally:
             rollout.ended = time.monotonic()
         return [task.result() for task in tasks]
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict]:
+        """Stream one prompt (n=1) from the engine the policy picks: its incremental chunks,
+        each tagged with ``engine_index``. Not re-sent when the engine dies (chunks already
+        went out): the stream raises instead."""
+        group = PromptGroup.of(0, request, request.items()[0])
+        if request.batch_size is not None or group.info.n != 1:
+            raise InvalidRequestError("stream", True, "streaming takes one prompt with n=1")
+        index = await self._engines.assign(group.info)
+        try:
+            call = dataclasses.replace(request, stream=False)
+            async for ref in self._engines.engine(index).generate_stream.remote(call):
+                chunk = await ref
+                chunk["meta_info"]["engine_index"] = index
+                yield chunk
+        finally:
+            self._engines.release(index, group.info)
+        self._engines.finished(group.info, index)
 
     def _remember(self, rollout: Rollout) -> None:
         self._rollouts[rollout.id] = rollout

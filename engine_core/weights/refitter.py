@@ -69,6 +69,14 @@ class WeightVersions:
         self.checkpoint = (checkpoint, self.current) if checkpoint is not None else None
         return self.current
 
+    def relabel(self, version: str) -> str:
+        """SGLang's ``update_weight_version``: the same weights under a new label (a checkpoint
+        they equal keeps equalling them)."""
+        if self.checkpoint is not None and self.checkpoint[1] == self.current:
+            self.checkpoint = (self.checkpoint[0], str(version))
+        self.current = str(version)
+        return self.current
+
     def restorable(self) -> bool:
         """Whether the current weights equal the recorded checkpoint's (re-readable)."""
         return self.checkpoint is not None and self.checkpoint[1] == self.current

@@ -197,3 +197,20 @@ def test_a_caller_s_release_after_an_idle_sleep_is_not_a_double_release(tiny_mod
             e.release_memory_occupation(["kv_cache"])
         e.resume_memory_occupation(["kv_cache"])
         assert len(e.generate(input_ids=IDS, sampling_params=GREEDY)["output_ids"]) == 8
+
+
+def test_update_weight_version_relabels_and_stays_restorable(tiny_model):
+    with Engine(tiny_model, device="cpu", max_total_tokens=1024) as eng:
+        before = eng.generate(input_ids=IDS, sampling_params=GREEDY)["output_ids"]
+        result = eng.update_weight_version("relabelled")
+        assert result["success"] and result["new_version"] == "relabelled"
+        assert eng.weight_version == eng.get_model_info()["weight_version"] == "relabelled"
+        out = eng.generate(input_ids=IDS, sampling_params=GREEDY)
+        assert out["output_ids"] == before  # same weights, new label
+        assert set(out["meta_info"]["weight_versions"]) == {"relabelled"}
+        # the checkpoint still equals the weights: released weights restore from it
+        eng.release_memory_occupation(["weights"])
+        eng.resume_memory_occupation(["weights"])
+        assert eng.generate(input_ids=IDS, sampling_params=GREEDY)["output_ids"] == before
+        with pytest.raises(ValueError, match="new_version=''"):
+            eng.update_weight_version("")

@@ -47,7 +47,7 @@ def test_generate_writes_one_line_per_sample(ray_local, tiny_model, tmp_path):
 
 def test_serve_until_stopped(ray_local, tiny_model):
     argv = ["serve", "--config", LOCAL_YAML, "--model-path", tiny_model, *SMALL]
-    args = cli.build_parser().parse_args([*argv, "--set", "name=cli-serve-test"])
+    args = cli.build_parser().parse_args([*argv, "--set", "name=cli-serve-test", "--port", "0"])
     stop = threading.Event()
     server = threading.Thread(target=cli.cmd_serve, args=(args, stop), daemon=True)
     server.start()

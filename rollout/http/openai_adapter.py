@@ -1,0 +1,168 @@
+"""OpenAI requests -> engine ``GenerateRequest``s.
+
+Prompts are tokenized here (the tokenizer's chat template for chat, ``tokenizer.encode`` for a
+text completion, exactly as the engine would) so the server can hand back the exact prompt ids
+a trainer trains on. ``seed`` becomes ``sampling_seed``, ``max_tokens`` /
+``max_completion_tokens`` ``max_new_tokens`` (None: the rest of the context, within the KV
+cache), ``logprobs`` / ``top_logprobs`` the engine's logprob arguments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine_core.requests.generate_request import GenerateRequest
+from rollout.http.errors import HTTPError, bad_request
+from rollout.http.openai_protocol import (
+    NEUTRAL,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
+
+
+def check_model(model: str | None, served: tuple[str, ...]) -> None:
+    """A named model must be one this server serves (404 naming it, as SGLang's
+    ``/v1/models/{model}``)."""
+    if model is not None and model not in served:
+        raise HTTPError(
+            404,
+            f"invalid model={model!r}: the model does not exist; served: {list(served)}",
+            "model",
+            "model_not_found",
+        )
+
+
+def check_neutral(req: Any) -> None:
+    for name, allowed in NEUTRAL.items():
+        if name in type(req).model_fields:
+            value = getattr(req, name)
+            if value not in allowed:
+                raise bad_request(name, value, f"not supported by this engine; only {allowed}")
+
+
+def completion_prompts(req: CompletionRequest, tokenizer: Any) -> list[list[int]]:
+    """Every prompt of a completion request as token ids (a batch of one or more)."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise bad_request("prompt", req.prompt, "empty prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    out = []
+    for i, item in enumerate(prompt):
+        if isinstance(item, str):
+            if not item:
+                raise bad_request(f"prompt[{i}]", item, "empty prompt")
+            if tokenizer is None:
+                raise bad_request(f"prompt[{i}]", item, "text needs a tokenizer; send ids")
+            item = tokenizer.encode(item)
+        if not isinstance(item, list) or not item:
+            raise bad_request(f"prompt[{i}]", item, "must be a non-empty str or list of ids")
+        out.append(item)
+    return out
+
+
+def _text_content(content: Any, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for j, part in enumerate(content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise bad_request(f"{where}.content[{j}]", part, "only text parts are supported")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
+    """The conversation through the tokenizer's chat template (generation prompt added, or the
+    last assistant message continued with ``continue_final_message``)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise bad_request("messages", "<chat>", "the model's tokenizer has no chat template")
+    messages = []
+    for i, msg in enumerate(req.messages):
+        row = msg.model_dump(exclude_none=True)
+        row["content"] = _text_content(msg.content, f"messages[{i}]")
+        messages.append(row)
+    cont = req.continue_final_message and messages[-1]["role"] == "assistant"
+    try:
+        ids = tokenizer.apply_chat_template(
+            messages,
+            tokenize=True,
+            add_generation_prompt=not cont,
+            continue_final_message=cont,
+            **(req.chat_template_kwargs or {}),
+        )
+    except Exception as exc:  # jinja errors (e.g. roles the template refuses)
+        raise bad_request("messages", "<chat>", f"chat template failed: {exc}") from None
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    if not ids:
+        raise bad_request("messages", "<chat>", "the chat template produced an empty prompt")
+    return list(ids)
+
+
+def max_new_tokens(value: int | None, field: str, prompt_len: int, backend: Any) -> int:
+    if value is None:  # OpenAI: until a stop or the end of the context
+        room = min(backend.context_length, backend.kv_capacity) - prompt_len
+        return max(room, 1)
+    if value < 0:
+        raise bad_request(field, value, "must be >= 0")
+    return value
+
+
+def sampling_params(req: Any, max_new: int) -> dict[str, Any]:
+    params: dict[str, Any] = {"max_new_tokens": max_new, "n": req.n}
+    if req.n < 1:
+        raise bad_request("n", req.n, "must be >= 1")
+    for ours, value in (
+        ("temperature", req.temperature),
+        ("top_p", req.top_p),
+        ("top_k", req.top_k),
+        ("min_p", req.min_p),
+        ("stop", req.stop),
+        ("stop_token_ids", req.stop_token_ids),
+        ("sampling_seed", req.seed),
+    ):
+        if value is not None:
+            params[ours] = value
+    params["ignore_eos"] = req.ignore_eos
+    params["skip_special_tokens"] = req.skip_special_tokens
+    return params
+
+
+def generate_request(
+    prompts: list[list[int]], params: dict[str, Any], top_logprobs: int | None, rid: Any = None
+) -> GenerateRequest:
+    """One engine call for every prompt (``top_logprobs`` None: no logprobs)."""
+    want = top_logprobs is not None
+    return GenerateRequest(
+        input_ids=prompts,
+        sampling_params=params,
+        return_logprob=want,
+        top_logprobs_num=top_logprobs or 0,
+        rid=rid,
+    )
+
+
+def stream_requests(
+    prompts: list[list[int]], params: dict[str, Any], top_logprobs: int | None, rid: str
+) -> list[GenerateRequest]:
+    """One n=1 request per (prompt, sample), choice index order (the engine streams one
+    sample per request). Sample ``i`` of a seeded request gets ``seed + i``."""
+    out = []
+    n = params["n"]
+    for p, ids in enumerate(prompts):
+        for i in range(n):
+            one = dict(params, n=1)
+            if "sampling_seed" in params and n > 1:
+                one["sampling_seed"] = params["sampling_seed"] + i
+            out.append(
+                GenerateRequest(
+                    input_ids=ids,
+                    sampling_params=one,
+                    return_logprob=top_logprobs is not None,
+                    top_logprobs_num=top_logprobs or 0,
+                    rid=f"{rid}-{p * n + i}",
+                )
+            )
+    return out

@@ -1,0 +1,55 @@
+"""A backend stream opened eagerly (so bad input is a 400, not a broken 200 stream) and closed
+on every exit: when the client goes away mid-stream the request is aborted on the engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from engine_core.requests.generate_request import GenerateRequest
+from rollout.http.backend import Backend
+
+log = logging.getLogger(__name__)
+
+
+class OpenStream:
+    """``await OpenStream.open(backend, request)`` has the first chunk (or raised the typed
+    error); iterate ``chunks()`` for all of them. ``request.rid`` must be set (abort key)."""
+
+    def __init__(self, backend: Backend, request: GenerateRequest, it, first: dict) -> None:
+        self.backend = backend
+        self.rid = request.rid
+        self._it = it
+        self._first = first
+        self.finished = False
+
+    @classmethod
+    async def open(cls, backend: Backend, request: GenerateRequest) -> OpenStream:
+        it = backend.stream(request)
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:  # pragma: no cover - a stream always ends with its final chunk
+            raise RuntimeError("the engine ended the stream without output") from None
+        return cls(backend, request, it, first)
+
+    async def chunks(self) -> AsyncIterator[dict]:
+        try:
+            chunk = self._first
+            while True:
+                self.finished = chunk["meta_info"].get("finish_reason") is not None
+                yield chunk
+                try:
+                    chunk = await self._it.__anext__()
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self.finished:  # the client left (or the stream failed): free the engine
+                await _quiet(lambda: self.backend.abort_request(self.rid, False))
+            await self._it.aclose()
+
+
+async def _quiet(call: Callable) -> None:
+    try:
+        await call()
+    except Exception:  # the engine may be gone already; nothing is waiting for this stream
+        log.debug("abort after a closed stream failed", exc_info=True)
