@@ -69,6 +69,9 @@ class EngineConfig:
     # torch threads of the engine's process (None: torch's default; with TP, the cores split
     # evenly over the ranks). A trainer whose logprobs must match bit for bit uses the same.
     num_threads: int | None = None
+    # A failed refit / weight-group verb: "return" SGLang's ``(False, message)`` (weights and
+    # version unchanged), or "raise" the typed error (the Ray service's EngineActor does).
+    refit_errors: str = "return"
 
     def __post_init__(self) -> None:
         self._check_choice("dtype", self.dtype, DTYPES)
@@ -120,6 +123,7 @@ class EngineConfig:
         self._check_choice(
             "generate_while_released", self.generate_while_released, ("raise", "wait")
         )
+        self._check_choice("refit_errors", self.refit_errors, ("return", "raise"))
 
     @staticmethod
     def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -89,6 +89,9 @@ class EngineActor:
             )
         self._model_path = model_path
         self._kwargs = {**(engine_kwargs or {}), **kwargs}
+        # The service raises a failed refit's typed error through Ray (RefitError, retries and
+        # the all-or-none refit across engines depend on it); success is SGLang's tuple.
+        self._kwargs.setdefault("refit_errors", "raise")
         self._index = index
         self._reconstructed = _reconstructed()
         # New on every (re)start: a restarted actor left every weight-update group it was in.

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine_core.errors import ModelLoadError
+from engine_core.errors import ModelLoadError, RefitStateError
 from engine_core.execution.rank_client import RankClient
 from engine_core.model_config import ModelConfig, load_model_config
 from engine_core.scheduling.loop import EngineLoop
@@ -179,7 +179,7 @@ class Refitter:
         elif version is None:
             version = str(plan.weight_version)
         if self.held is not None:
-            raise RuntimeError("a staged update is held; commit or discard it first")
+            raise RefitStateError("a staged update is held; commit or discard it first")
         local = self.ranks.local
         if local is None:
             stage = lambda: self.ranks.stage_distributed(group_name, plan, metas, not commit)  # noqa: E731
@@ -211,7 +211,7 @@ class Refitter:
     def commit_held(self, version: str | None) -> dict:
         def run() -> dict:
             if self.held is None:
-                raise RuntimeError("no staged update to commit")
+                raise RefitStateError("no staged update to commit")
             self.guard()
             # Two phases across TP ranks again: validate everywhere, then write everywhere.
             self._stage_or_discard(self.ranks.restage_held)

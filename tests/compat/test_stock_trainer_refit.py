@@ -59,7 +59,7 @@ def test_stock_recipe_trainer_refits_the_engine(model_dir, dtype_form):
     names = sorted(tensors)
     shapes = [list(tensors[n].shape) for n in names]
     dtypes = [tensors[n].dtype if dtype_form == "torch" else "float32" for n in names]
-    with Engine(new, device="cpu") as fresh:
+    with Engine(new, device="cpu", refit_errors="raise") as fresh:
         expected = fresh.generate(input_ids=[1, 2, 3], sampling_params=GREEDY)["output_ids"]
     port, group = free_port(), f"stock-{dtype_form}"
     ctx = mp.get_context("spawn")
@@ -67,14 +67,14 @@ def test_stock_recipe_trainer_refits_the_engine(model_dir, dtype_form):
     trainer = ctx.Process(target=_stock_trainer, args=(port, 2, group, weights, names, q))
     trainer.start()
     try:
-        with Engine(old, device="cpu") as engine:
+        with Engine(old, device="cpu", refit_errors="raise") as engine:
             # master_port as a string, as JSON payloads and CLIs pass it
             joined = engine.init_weights_update_group("127.0.0.1", str(port), 1, 2, group, "gloo")
-            assert joined["ranks"] == [1]
+            assert joined == (True, "Succeeded to initialize custom process group.")
             result = engine.update_weights_from_distributed(
                 names, dtypes, shapes, group_name=group, weight_version="stock-1"
             )
-            assert result["success"] and engine.weight_version == "stock-1"
+            assert result[0] is True and engine.weight_version == "stock-1"
             assert q.get(timeout=60) == "ok"
             assert engine.get_weights_checksum(names) == checksums_of(tensors)
             got = engine.generate(input_ids=[1, 2, 3], sampling_params=GREEDY)["output_ids"]
@@ -87,7 +87,7 @@ def test_stock_recipe_trainer_refits_the_engine(model_dir, dtype_form):
 
 
 def test_bad_master_port_is_named(model_dir):
-    with Engine(model_dir("llama"), device="cpu") as engine:
+    with Engine(model_dir("llama"), device="cpu", refit_errors="raise") as engine:
         with pytest.raises(ValueError, match="master_port='x'"):
             engine.init_weights_update_group("127.0.0.1", "x", 1, 2, "bad-port", "gloo", 5)
         assert engine.generate(input_ids=[1, 2], sampling_params=GREEDY)["output_ids"]
