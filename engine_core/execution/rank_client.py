@@ -34,6 +34,7 @@ class RankClient:
     def __init__(self, transport: LocalRanks | TPRanks) -> None:
         self._transport = transport
         self._on_all = transport.call
+        self._on_each = transport.call_each
 
     @property
     def local(self) -> Rank | None:
@@ -81,6 +82,10 @@ class RankClient:
 
     def stage_pairs(self, pairs: list) -> int:
         return self._on_all(Rank.stage_pairs, pairs)
+
+    def stage_serialized(self, payloads: Sequence[Any], load_format: str | None) -> int:
+        """SGLang's per-rank payloads: rank ``r`` decodes ``payloads[r]`` only."""
+        return self._on_each(Rank.stage_serialized, [(p, load_format) for p in payloads])
 
     def restage_held(self) -> int:
         return self._on_all(Rank.restage_held)
@@ -134,6 +139,9 @@ class LocalRanks:
     def call(self, method: Callable[..., T], *args: Any) -> T:
         return method(self.rank, *args)
 
+    def call_each(self, method: Callable[..., T], per_rank: Sequence[tuple]) -> T:
+        return method(self.rank, *per_rank[0])
+
     def shutdown(self) -> None:
         pass
 
@@ -185,7 +193,11 @@ class TPRanks:
 
     def call(self, method: Callable[..., T], *args: Any) -> T:
         """Run ``method(rank, *args)`` on every rank; return rank 0's result."""
-        for conn in self.conns:
+        return self.call_each(method, [args] * len(self.conns))
+
+    def call_each(self, method: Callable[..., T], per_rank: Sequence[tuple]) -> T:
+        """Run ``method(rank, *per_rank[r])`` on every rank ``r``; return rank 0's result."""
+        for conn, args in zip(self.conns, per_rank, strict=True):
             conn.send((method, args))
         return self._collect(method.__qualname__)[0]
 

@@ -17,7 +17,7 @@ cast silently.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from engine_core.errors import ModelLoadError, RefitStateError
@@ -25,6 +25,7 @@ from engine_core.execution.rank_client import RankClient
 from engine_core.model_config import ModelConfig, load_model_config
 from engine_core.scheduling.loop import EngineLoop
 from engine_core.weights.payloads import RefitSegments, handles_of, pairs_of, plan_of
+from engine_core.weights.sglang_payloads import FLATTENED_BUCKET, bucket_pairs, is_serialized
 from weight_sync import UpdatePlan
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,17 @@ class Refitter:
         return self._two_phase(lambda: self.ranks.stage_checkpoint(model_path), version, model_path)
 
     def from_tensors(self, named_tensors: Any, load_format: str | None, version: str | None):
+        if is_serialized(named_tensors):  # SGLang's per-rank payloads: each rank decodes its own
+            payloads = list(named_tensors)
+            if len(payloads) != self.tp_size:
+                raise ModelLoadError(
+                    f"named_tensors: {len(payloads)} serialized payloads, expected one per TP "
+                    f"rank ({self.tp_size})"
+                )
+            stage = lambda: self.ranks.stage_serialized(payloads, load_format)  # noqa: E731
+            return self._two_phase(stage, version)
+        if load_format == FLATTENED_BUCKET and isinstance(named_tensors, Mapping):
+            named_tensors, load_format = bucket_pairs(named_tensors), None  # in-process bucket
         handles = handles_of(named_tensors, load_format)
         if handles is not None:
             return self._two_phase(lambda: self.ranks.stage_colocated(handles), version)
