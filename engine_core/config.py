@@ -72,6 +72,11 @@ class EngineConfig:
     # A failed refit / weight-group verb: "return" SGLang's ``(False, message)`` (weights and
     # version unchanged), or "raise" the typed error (the Ray service's EngineActor does).
     refit_errors: str = "return"
+    # Stream chunks (SGLang's ServerArgs names): False = each chunk holds everything so far
+    # (SGLang's default), True = only what is new (chunks concatenate to the output).
+    incremental_streaming_output: bool = False
+    # generate(return_hidden_states=True) is refused unless enabled (as SGLang).
+    enable_return_hidden_states: bool = False
 
     def __post_init__(self) -> None:
         self._check_choice("dtype", self.dtype, DTYPES)
@@ -112,7 +117,13 @@ class EngineConfig:
             raise InvalidConfigError("sleep_on_idle_s", idle, "must be a number of seconds")
         if idle is not None and not idle > 0:
             raise InvalidConfigError("sleep_on_idle_s", idle, "must be > 0 (None: off)")
-        for name in ("sleep_on_idle_weights", "weights_host_copy", "keep_refit_staging"):
+        for name in (
+            "sleep_on_idle_weights",
+            "weights_host_copy",
+            "keep_refit_staging",
+            "incremental_streaming_output",
+            "enable_return_hidden_states",
+        ):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "weights_host_copy"):
                 raise InvalidConfigError(name, value, "must be a bool")

@@ -90,7 +90,12 @@ class Engine:
             config.max_requests_per_call,
         )
         self.versions = WeightVersions(config.weight_version, model_path)
-        self.outputs = OutputBuilder(self.tokenizer, self.requests.release, self._version)
+        self.outputs = OutputBuilder(
+            self.tokenizer,
+            self.requests.release,
+            self._version,
+            config.incremental_streaming_output,
+        )
         self.segments = RefitSegments()
         self.memory = MemoryController(
             config,
@@ -133,8 +138,8 @@ class Engine:
     def generate(self, *args: Any, **kwargs: Any):
         """Generate for one prompt (returns a dict) or a batch (a list, samples of a prompt
         adjacent); arguments: ``GenerateRequest``'s (SGLang's). ``stream=True`` (one prompt,
-        n=1) returns an iterator of incremental chunks whose ``text`` and ``output_ids``
-        concatenate to the full output."""
+        n=1) returns an iterator of chunks, each holding the output so far (as SGLang; the last
+        equals the final output), or only what is new with ``incremental_streaming_output``."""
         request = GenerateRequest.of(*args, **kwargs)
         reqs, is_batch = self.requests.build(request)
         if request.stream:
