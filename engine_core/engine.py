@@ -88,6 +88,7 @@ class Engine:
             self.pool,
             config.seed,
             config.max_requests_per_call,
+            config.enable_return_hidden_states,
         )
         self.versions = WeightVersions(config.weight_version, model_path)
         self.outputs = OutputBuilder(

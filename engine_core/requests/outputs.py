@@ -53,7 +53,19 @@ def meta_info(req: Request, weight_version: str, final: bool = True) -> dict[str
         info["e2e_latency"] = time.monotonic() - req.created_at
     if req.return_logprob:
         info.update(_logprob_fields(req))
+    if req.return_hidden_states:
+        info["hidden_states"] = hidden_states_of(req)
     return info
+
+
+def hidden_states_of(req: Request) -> list:
+    """SGLang's ``meta_info["hidden_states"]``: first the prompt's rows (a list of vectors),
+    then one vector per token fed since (each generated token but the last, which was never
+    run through the model)."""
+    computed = req.hidden_states
+    prompt = [computed[p] for p in range(len(req.prompt_ids)) if p in computed]
+    fed = [computed[p] for p in range(len(req.prompt_ids), req.num_tokens) if p in computed]
+    return [prompt, *fed]
 
 
 def _logprob_fields(req: Request) -> dict[str, Any]:

@@ -46,6 +46,10 @@ class Request:
     output_token_ids_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     input_token_ids_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
     output_versions: list[str] = field(default_factory=list)
+    return_hidden_states: bool = False
+    # position -> final-norm hidden state of the token there (rows recomputed after a
+    # retraction overwrite theirs); meta_info["hidden_states"] is built from it.
+    hidden_states: dict[int, list[float]] = field(default_factory=dict)
     finish_reason: dict | None = None
     num_retractions: int = 0
     created_at: float = field(default_factory=time.monotonic)  # submission (e2e_latency)
