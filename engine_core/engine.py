@@ -36,6 +36,7 @@ from engine_core.requests.request import Request
 from engine_core.scheduling.loop import EngineLoop
 from engine_core.scheduling.page_pool import PagePool
 from engine_core.scheduling.scheduler import Scheduler
+from engine_core.server_args import resolve as resolve_server_args
 from engine_core.sglang_args import kv_budget_bytes, log_no_effect
 from engine_core.tokenizer import load_tokenizer
 from engine_core.weights.payloads import RefitSegments
@@ -58,9 +59,11 @@ LOAD_FORMATS = (None, "auto", "safetensors")
 class Engine:
     """One inference engine: ``Engine(model_path, **kwargs)`` with ``EngineConfig`` fields or
     SGLang's ``ServerArgs`` names (``engine_core.sglang_args``; ``model_path`` may be a keyword,
-    as in ``sglang.Engine(model_path=...)``)."""
+    as in ``sglang.Engine(model_path=...)``), or SGLang's ``Engine(server_args=...)``
+    (``engine_core.server_args``)."""
 
-    def __init__(self, model_path: str, **kwargs: Any) -> None:
+    def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+        model_path, kwargs = resolve_server_args(model_path, kwargs)
         translated = EngineConfig.translate(model_path, kwargs)
         self.server_args_given = translated.given  # SGLang names as given (get_server_info)
         config = EngineConfig.from_translated(model_path, translated)
