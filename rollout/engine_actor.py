@@ -6,6 +6,10 @@ The actor methods are the RPC and mirror the Engine API (``generate``, ``async_g
 concurrent ``Engine.async_generate`` calls, so they share the engine's batches. Blocking engine
 calls (refit, sleep) run in a thread so ``health`` and ``abort_request`` keep answering.
 
+Refit verbs return SGLang's ``(success, message)`` tuples, but a failure raises its typed error
+(the engine is built with ``refit_errors="raise"`` unless the caller chose otherwise): the
+service's all-or-none refits and restarts need the error, not a ``False`` to check.
+
 TP ranks are processes the Engine spawns on this actor's node; they use this actor's
 reservation (the service reserves ``tp_size`` ranks' CPUs/GPUs for it) and, should they ever be
 Ray tasks, the placement group captures them.
