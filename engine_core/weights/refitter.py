@@ -25,7 +25,12 @@ from engine_core.execution.rank_client import RankClient
 from engine_core.model_config import ModelConfig, load_model_config
 from engine_core.scheduling.loop import EngineLoop
 from engine_core.weights.payloads import RefitSegments, handles_of, pairs_of, plan_of
-from engine_core.weights.sglang_payloads import FLATTENED_BUCKET, bucket_pairs, is_serialized
+from engine_core.weights.sglang_payloads import (
+    FLATTENED_BUCKET,
+    bucket_pairs,
+    is_serialized,
+    per_rank_tensors,
+)
 from weight_sync import UpdatePlan
 
 log = logging.getLogger(__name__)
@@ -136,8 +141,10 @@ class Refitter:
         return self._two_phase(lambda: self.ranks.stage_checkpoint(model_path), version, model_path)
 
     def from_tensors(self, named_tensors: Any, load_format: str | None, version: str | None):
-        if is_serialized(named_tensors):  # SGLang's per-rank payloads: each rank decodes its own
-            payloads = list(named_tensors)
+        per_rank = per_rank_tensors(named_tensors, self.tp_size)
+        if per_rank is not None or is_serialized(named_tensors):
+            # SGLang's per-rank payloads (or per-tensor values): each rank decodes its own.
+            payloads = per_rank if per_rank is not None else list(named_tensors)
             if len(payloads) != self.tp_size:
                 raise ModelLoadError(
                     f"named_tensors: {len(payloads)} serialized payloads, expected one per TP "

@@ -7,7 +7,8 @@ What verl and slime hand ``sglang.Engine.update_weights_from_tensor``:
   ``multiprocessing.reduction.ForkingPickler`` dump (torch's reductions: CPU tensors travel as
   shared-memory file descriptors, CUDA tensors as IPC handles) as bytes, or base64 text when
   ``output_str=True``. Rank ``r`` decodes entry ``r`` only (a descriptor can be fetched once).
-- ``obj``: ``[(name, tensor), ...]``, or with ``load_format="flattened_bucket"`` SGLang's
+- ``obj``: ``[(name, tensor), ...]`` (verl may wrap each tensor in a ``LocalSerializedTensor``
+  whose ``values`` hold one serialized tensor per rank), or with ``load_format="flattened_bucket"`` SGLang's
   ``FlattenedTensorBucket`` dict ``{"flattened_tensor": 1-D tensor, "metadata":
   [FlattenedTensorMetadata(name, shape, dtype, start_idx, end_idx, numel), ...]}``.
 
@@ -103,6 +104,28 @@ def is_serialized(named_tensors: Any) -> bool:
     return all(isinstance(item, bytes | bytearray | str) for item in named_tensors)
 
 
+def per_rank_tensors(named_tensors: Any, tp_size: int) -> list[list] | None:
+    """verl's ``[(name, LocalSerializedTensor(values=[one payload per TP rank]))]`` as one
+    ``[(name, payload)]`` list per rank (None: not that shape). SGLang unwraps such a tensor
+    on rank ``r`` as ``deserialize(values[r])``."""
+    if not isinstance(named_tensors, list | tuple) or not named_tensors:
+        return None
+    values = [
+        getattr(item[1], "values", None)
+        if isinstance(item, tuple | list) and len(item) == 2
+        else None
+        for item in named_tensors
+    ]
+    if not all(isinstance(v, list | tuple) and is_serialized(v) for v in values):
+        return None
+    for (name, _), v in zip(named_tensors, values):
+        if len(v) != tp_size:
+            raise ModelLoadError(
+                f"weight {name!r}: {len(v)} serialized values, expected one per TP rank ({tp_size})"
+            )
+    return [[(name, v[r]) for (name, _), v in zip(named_tensors, values)] for r in range(tp_size)]
+
+
 def deserialize(payload: bytes | bytearray | str) -> Any:
     """One rank's payload -> the object SGLang serialized (tensors mapped, not copied)."""
     if isinstance(payload, str):
@@ -169,4 +192,8 @@ def decode_pairs(payload: Any, load_format: str | None) -> list[tuple[str, torch
         raise ModelLoadError(
             f"serialized weights: expected a list of (name, tensor), got {type(obj).__name__}"
         )
-    return [(str(name), tensor) for name, tensor in pairs]
+    # Each tensor may itself be serialized (verl's LocalSerializedTensor, this rank's value).
+    return [
+        (str(name), deserialize(t) if isinstance(t, bytes | bytearray | str) else t)
+        for name, t in pairs
+    ]

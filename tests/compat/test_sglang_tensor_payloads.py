@@ -171,3 +171,25 @@ def test_refit_errors_raise_opt_in(qwen2):
                 [("model.layers.0.mlp.gate_up_proj.weight", torch.zeros(3, 3))], "direct"
             )
         assert engine.weight_version == "default"
+
+
+@dataclass
+class LocalSerializedTensor:
+    """verl's wrapper (SGLang's ``LocalSerializedTensor``): one serialized tensor per TP rank."""
+
+    values: list
+
+
+def test_local_serialized_tensors_per_rank(qwen2):
+    old, new, expected = qwen2
+    with Engine(old, device="cpu", tp_size=2) as engine:
+        named = [
+            (name, LocalSerializedTensor([serialize(t), serialize(t, output_str=True)]))
+            for name, t in tensors(new).items()
+        ]
+        assert engine.update_weights_from_tensor(named) == (True, "Success")
+        assert run(engine) == expected
+        ok, message = engine.update_weights_from_tensor(
+            [(named[0][0], LocalSerializedTensor([b"x"]))]
+        )
+        assert not ok and "one per TP rank (2)" in message
