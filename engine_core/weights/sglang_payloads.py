@@ -8,9 +8,10 @@ What verl and slime hand ``sglang.Engine.update_weights_from_tensor``:
   shared-memory file descriptors, CUDA tensors as IPC handles) as bytes, or base64 text when
   ``output_str=True``. Rank ``r`` decodes entry ``r`` only (a descriptor can be fetched once).
 - ``obj``: ``[(name, tensor), ...]`` (verl may wrap each tensor in a ``LocalSerializedTensor``
-  whose ``values`` hold one serialized tensor per rank), or with ``load_format="flattened_bucket"`` SGLang's
-  ``FlattenedTensorBucket`` dict ``{"flattened_tensor": 1-D tensor, "metadata":
-  [FlattenedTensorMetadata(name, shape, dtype, start_idx, end_idx, numel), ...]}``.
+  whose ``values`` hold one serialized tensor per rank), or with
+  ``load_format="flattened_bucket"`` SGLang's ``FlattenedTensorBucket`` dict
+  ``{"flattened_tensor": 1-D tensor, "metadata": [FlattenedTensorMetadata(name, shape, dtype,
+  start_idx, end_idx, numel), ...]}``.
 
 Unpickling is restricted to what those payloads contain (torch's rebuild functions, storages,
 dtypes, the metadata record): a payload naming anything else raises ``ModelLoadError``.
