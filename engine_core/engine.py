@@ -347,9 +347,9 @@ class Engine:
         shapes: Sequence[Sequence[int]] | None = None,
         group_name: str = DEFAULT_GROUP,
         flush_cache: bool = True,
+        load_format: str | None = None,  # SGLang's sixth positional
         weight_version: str | None = None,
         commit: bool = True,
-        load_format: str | None = None,
     ) -> tuple[bool, str]:
         """Receive an update broadcast by the group's rank 0, stage it on every rank, commit.
 

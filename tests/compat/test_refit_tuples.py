@@ -46,6 +46,11 @@ def test_failures_are_false_tuples_with_weights_unchanged(engine, tmp_path):
             (["model.norm.weight"], ["float32"], [[4], [4]]),
             "ValueError",
         ),
+        (  # SGLang's positional order: load_format sixth (only None here)
+            engine.update_weights_from_distributed,
+            (["model.norm.weight"], ["float32"], [[4]], "g", True, "flattened_bucket"),
+            "ModelLoadError",
+        ),
     ]
     for verb, args, error in calls:
         result = verb(*args)
