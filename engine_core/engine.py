@@ -356,20 +356,16 @@ class Engine:
         ``names``: an ``UpdatePlan`` (or its JSON) -- the trainer's ``WeightSender`` streams the
         plan's buckets and ``weight_version`` defaults to the plan's -- or SGLang's
         ``names``/``dtypes``/``shapes`` lists, each tensor one plain broadcast in that order
-        (``load_format`` None only). Everything is received into a staging arena before any
-        weight is touched. ``commit=False`` stages and holds the update (for a commit across
-        engines): finish with ``commit_staged_weights`` or ``discard_staged_weights``. After a
-        ``WeightSyncError`` (dead sender, timeout) destroy and re-init the group; after a bad
-        name/shape/dtype (``ModelLoadError``) the group stays usable."""
+        (``load_format="flattened_bucket"``: one broadcast of SGLang's flattened bucket).
+        Everything is received into a staging arena before any weight is touched.
+        ``commit=False`` stages and holds the update (for a commit across engines): finish with
+        ``commit_staged_weights`` or ``discard_staged_weights``. After a ``WeightSyncError``
+        (dead sender, timeout) destroy and re-init the group; after a bad name/shape/dtype
+        (``ModelLoadError``) the group stays usable."""
 
         def run() -> tuple[bool, str]:
-            if load_format is not None:
-                raise ModelLoadError(
-                    f"load_format={load_format!r}: distributed updates are received per tensor "
-                    "or per UpdatePlan bucket (None)"
-                )
             self.refitter.from_distributed(
-                names, dtypes, shapes, group_name, weight_version, commit
+                names, dtypes, shapes, group_name, weight_version, commit, load_format
             )
             return True, with_version(DISTRIBUTED_OK, weight_version)
 

@@ -27,6 +27,7 @@ from engine_core.scheduling.loop import EngineLoop
 from engine_core.weights.payloads import RefitSegments, handles_of, pairs_of, plan_of
 from engine_core.weights.sglang_payloads import (
     FLATTENED_BUCKET,
+    FlattenedMetas,
     bucket_pairs,
     is_serialized,
     per_rank_tensors,
@@ -188,13 +189,21 @@ class Refitter:
         group_name: str,
         version: str | None,
         commit: bool,
+        load_format: str | None = None,
     ) -> dict:
         plan = plan_of(names)
         metas = None
+        if load_format not in (None, FLATTENED_BUCKET) or (load_format and plan is not None):
+            raise ModelLoadError(
+                f"load_format={load_format!r}: None, or {FLATTENED_BUCKET!r} with SGLang's "
+                "names/dtypes/shapes lists"
+            )
         if plan is None:
             if dtypes is None or shapes is None or not len(names) == len(dtypes) == len(shapes):
                 raise ValueError("names, dtypes and shapes must be lists of equal length")
-            metas = list(zip(names, [dtype_name(d) for d in dtypes], shapes))
+            metas = list(zip(names, [dtype_name(d) for d in dtypes], [list(s) for s in shapes]))
+            if load_format == FLATTENED_BUCKET:
+                metas = FlattenedMetas(metas)
         elif version is None:
             version = str(plan.weight_version)
         if self.held is not None:

@@ -198,3 +198,33 @@ def decode_pairs(payload: Any, load_format: str | None) -> list[tuple[str, torch
         (str(name), deserialize(t) if isinstance(t, bytes | bytearray | str) else t)
         for name, t in pairs
     ]
+
+
+@dataclass
+class FlattenedMetas:
+    """SGLang's ``update_weights_from_distributed(..., load_format="flattened_bucket")``: the
+    trainer broadcasts the listed tensors as one ``FlattenedTensorBucket`` tensor (each
+    flattened, concatenated in list order). One dtype per call (the bucket's)."""
+
+    metas: list[tuple[str, str, list[int]]]  # (name, dtype name, shape)
+
+    def __post_init__(self) -> None:
+        dtypes = {dtype for _, dtype, _ in self.metas}
+        if len(dtypes) != 1:
+            raise ModelLoadError(
+                f"load_format={FLATTENED_BUCKET!r}: one dtype per flattened bucket, got "
+                f"{sorted(dtypes)}"
+            )
+
+    def flat_meta(self) -> tuple[str, str, list[int]]:
+        """The one tensor actually broadcast."""
+        total = sum(torch.Size(shape).numel() for _, _, shape in self.metas)
+        return "<flattened bucket>", self.metas[0][1], [total]
+
+    def split(self, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        pairs, start = [], 0
+        for name, _, shape in self.metas:
+            numel = torch.Size(shape).numel()
+            pairs.append((name, flat[start : start + numel].view(tuple(shape))))
+            start += numel
+        return pairs

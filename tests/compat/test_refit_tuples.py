@@ -46,15 +46,20 @@ def test_failures_are_false_tuples_with_weights_unchanged(engine, tmp_path):
             (["model.norm.weight"], ["float32"], [[4], [4]]),
             "ValueError",
         ),
-        (  # SGLang's positional order: load_format sixth (only None here)
+        (  # SGLang's positional order (load_format sixth); a flattened bucket has one dtype
             engine.update_weights_from_distributed,
-            (["model.norm.weight"], ["float32"], [[4]], "g", True, "flattened_bucket"),
+            (["a", "b"], ["float32", "bfloat16"], [[4], [4]], "g", True, "flattened_bucket"),
             "ModelLoadError",
+        ),
+        (  # a group never joined
+            engine.update_weights_from_distributed,
+            (["model.norm.weight"], ["float32"], [[64]], "never-joined"),
+            "ValueError: no weight-update group 'never-joined'",
         ),
     ]
     for verb, args, error in calls:
         result = verb(*args)
-        assert result[0] is False and result[1].startswith(f"{error}: "), (verb.__name__, result)
+        assert result[0] is False and result[1].startswith(error), (verb.__name__, result)
         assert state(engine) == before, verb.__name__
     assert engine.destroy_weights_update_group("never-made") == (
         False,
