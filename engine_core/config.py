@@ -72,6 +72,14 @@ class EngineConfig:
     # torch threads of the engine's process (None: torch's default; with TP, the cores split
     # evenly over the ranks). A trainer whose logprobs must match bit for bit uses the same.
     num_threads: int | None = None
+    # A failed refit / weight-group verb: "return" SGLang's ``(False, message)`` (weights and
+    # version unchanged), or "raise" the typed error (the Ray service's EngineActor does).
+    refit_errors: str = "return"
+    # Stream chunks (SGLang's ServerArgs names): False = each chunk holds everything so far
+    # (SGLang's default), True = only what is new (chunks concatenate to the output).
+    incremental_streaming_output: bool = False
+    # generate(return_hidden_states=True) is refused unless enabled (as SGLang).
+    enable_return_hidden_states: bool = False
 
     def __post_init__(self) -> None:
         self._check_choice("dtype", self.dtype, DTYPES)
@@ -117,6 +125,8 @@ class EngineConfig:
             "weights_host_copy",
             "keep_refit_staging",
             "enable_prefix_cache",
+            "incremental_streaming_output",
+            "enable_return_hidden_states",
         ):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "weights_host_copy"):
@@ -128,6 +138,7 @@ class EngineConfig:
         self._check_choice(
             "generate_while_released", self.generate_while_released, ("raise", "wait")
         )
+        self._check_choice("refit_errors", self.refit_errors, ("return", "raise"))
 
     @staticmethod
     def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -39,9 +39,20 @@ from engine_core.scheduling.loop import EngineLoop
 from engine_core.scheduling.page_pool import PagePool
 from engine_core.scheduling.radix_cache import RadixCache
 from engine_core.scheduling.scheduler import Scheduler
+from engine_core.server_args import resolve as resolve_server_args
 from engine_core.sglang_args import kv_budget_bytes, log_no_effect
 from engine_core.tokenizer import load_tokenizer
 from engine_core.weights.payloads import RefitSegments
+from engine_core.weights.refit_results import (
+    DISK_OK,
+    DISTRIBUTED_OK,
+    GROUP_DESTROY_OK,
+    GROUP_INIT_OK,
+    GROUP_MISSING,
+    TENSOR_OK,
+    RefitResults,
+    with_version,
+)
 from engine_core.weights.refitter import DEFAULT_GROUP, Refitter, WeightVersions
 
 log = logging.getLogger(__name__)
@@ -51,9 +62,11 @@ LOAD_FORMATS = (None, "auto", "safetensors")
 class Engine:
     """One inference engine: ``Engine(model_path, **kwargs)`` with ``EngineConfig`` fields or
     SGLang's ``ServerArgs`` names (``engine_core.sglang_args``; ``model_path`` may be a keyword,
-    as in ``sglang.Engine(model_path=...)``)."""
+    as in ``sglang.Engine(model_path=...)``), or SGLang's ``Engine(server_args=...)``
+    (``engine_core.server_args``)."""
 
-    def __init__(self, model_path: str, **kwargs: Any) -> None:
+    def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+        model_path, kwargs = resolve_server_args(model_path, kwargs)
         translated = EngineConfig.translate(model_path, kwargs)
         self.server_args_given = translated.given  # SGLang names as given (get_server_info)
         config = EngineConfig.from_translated(model_path, translated)
@@ -84,9 +97,15 @@ class Engine:
             self.pool,
             config.seed,
             config.max_requests_per_call,
+            config.enable_return_hidden_states,
         )
         self.versions = WeightVersions(config.weight_version, model_path)
-        self.outputs = OutputBuilder(self.tokenizer, self.requests.release, self._version)
+        self.outputs = OutputBuilder(
+            self.tokenizer,
+            self.requests.release,
+            self._version,
+            config.incremental_streaming_output,
+        )
         self.segments = RefitSegments()
         self.memory = MemoryController(
             config,
@@ -115,6 +134,7 @@ class Engine:
             # Old-weights KV must never be reused: a committed refit drops the prefix cache.
             on_commit=self.scheduler.reset_cache,
         )
+        self.results = RefitResults(config.refit_errors)
 
     def _context_length(self) -> int:
         mc = self.model_config
@@ -130,8 +150,8 @@ class Engine:
     def generate(self, *args: Any, **kwargs: Any):
         """Generate for one prompt (returns a dict) or a batch (a list, samples of a prompt
         adjacent); arguments: ``GenerateRequest``'s (SGLang's). ``stream=True`` (one prompt,
-        n=1) returns an iterator of incremental chunks whose ``text`` and ``output_ids``
-        concatenate to the full output."""
+        n=1) returns an iterator of chunks, each holding the output so far (as SGLang; the last
+        equals the final output), or only what is new with ``incremental_streaming_output``."""
         request = GenerateRequest.of(*args, **kwargs)
         reqs, is_batch = self.requests.build(request)
         if request.stream:
@@ -245,10 +265,11 @@ class Engine:
         return self.ranks.local
 
     # ------------------------------------------------------------------ refits (Refitter)
-    # ``flush_cache`` is accepted everywhere for SGLang's callers; there is no prefix cache to
-    # flush yet, so it has no effect. SGLang's refit verbs return ``(success, message, ...)``
-    # tuples (``update_weights_from_disk``: ``(success, message, num_paused_requests)``); these
-    # return dicts with ``success`` and raise on failure (weights and version unchanged).
+    # SGLang's return values: ``(success, message)`` (``update_weights_from_disk`` adds
+    # ``num_paused_requests``); a failure is ``(False, message)`` with weights and version
+    # unchanged, or the typed error with ``refit_errors="raise"`` (``weights/refit_results``).
+    # ``flush_cache`` is accepted for SGLang's callers; there is no prefix cache to flush
+    # yet, so it has no effect.
     def update_weights_from_disk(
         self,
         model_path: str,
@@ -263,25 +284,32 @@ class Engine:
         recapture_cuda_graph: bool = False,
         token_step: int = 0,
         manifest: dict | None = None,
-    ) -> dict:
-        """Reload weights from a safetensors checkpoint of the same architecture (never pickles).
-        Atomic: on any error the old weights and version stay. Returns ``{"success", ...}``.
+    ) -> tuple[bool, str, int]:
+        """Reload weights from a safetensors checkpoint of the same architecture (never pickles;
+        atomic). Returns SGLang's ``(success, message, num_paused_requests)`` (always 0 paused:
+        requests in flight continue on the new weights).
 
         SGLang's arguments: ``load_format`` None / ``"auto"`` / ``"safetensors"``;
         ``abort_all_requests`` aborts what is in flight first; ``manifest`` must be None; the
         others (cache, CUDA-graph and pause knobs, ``is_async``: it returns once committed)
         have nothing to do here."""
-        if load_format not in LOAD_FORMATS:
-            raise ModelLoadError(
-                f"load_format={load_format!r}: only safetensors checkpoints load ({LOAD_FORMATS})"
-            )
-        if manifest is not None:
-            raise ModelLoadError("manifest: not supported (the checkpoint's files are read)")
-        if abort_all_requests:
-            self.abort_request(abort_all=True)
-        result = self.refitter.from_disk(model_path, weight_version)
-        self.served = {"model_path": model_path, "load_format": load_format}
-        return result
+
+        def run() -> tuple[bool, str]:
+            if load_format not in LOAD_FORMATS:
+                raise ModelLoadError(
+                    f"load_format={load_format!r}: only safetensors checkpoints load "
+                    f"({LOAD_FORMATS})"
+                )
+            if manifest is not None:
+                raise ModelLoadError("manifest: not supported (the checkpoint's files are read)")
+            if abort_all_requests:
+                self.abort_request(abort_all=True)
+            self.refitter.from_disk(model_path, weight_version)
+            self.served = {"model_path": model_path, "load_format": load_format}
+            return True, with_version(DISK_OK, weight_version)
+
+        success, message = self.results.run("update_weights_from_disk", run)
+        return success, message, 0
 
     def update_weights_from_tensor(
         self,
@@ -289,16 +317,21 @@ class Engine:
         load_format: str | None = None,
         flush_cache: bool = True,
         weight_version: str | None = None,
-    ) -> dict:
-        """Load tensors handed over in memory, without a pickled copy of their data.
+    ) -> tuple[bool, str]:
+        """Load tensors handed over in memory; SGLang's ``(success, message)``.
 
-        ``named_tensors``: ``(name, tensor)`` pairs or a dict (HF names; any subset of the
-        parameters), or -- with ``load_format="flattened_bucket"`` -- the ``BucketHandle``s of a
-        trainer's ``weight_sync.ColocatedBuckets`` (shared memory on CPU, CUDA IPC on GPU), which
-        the trainer keeps open until this returns. With TP, pairs are packed once into shared
-        buckets every rank maps. Raises (``ModelLoadError`` for a bad name/shape/dtype) with
-        weights and version unchanged."""
-        return self.refitter.from_tensors(named_tensors, load_format, weight_version)
+        ``named_tensors`` (``weights/payloads.py``): ``(name, tensor)`` pairs or a dict (HF
+        names, any subset; ``load_format="direct"`` also takes the fused ``qkv_proj`` /
+        ``gate_up_proj`` names), SGLang's serialized payloads -- one
+        ``MultiprocessingSerializer.serialize(...)`` bytes/base64 string per TP rank, of pairs
+        or (``load_format="flattened_bucket"``) of a ``FlattenedTensorBucket`` dict -- or a
+        trainer's ``weight_sync.ColocatedBuckets`` handles (``"flattened_bucket"``)."""
+
+        def run() -> tuple[bool, str]:
+            self.refitter.from_tensors(named_tensors, load_format, weight_version)
+            return True, with_version(TENSOR_OK, weight_version)
+
+        return self.results.run("update_weights_from_tensor", run)
 
     def init_weights_update_group(
         self,
@@ -309,14 +342,19 @@ class Engine:
         group_name: str = DEFAULT_GROUP,
         backend: str = "gloo",
         timeout_s: float = 300.0,
-    ) -> dict:
+    ) -> tuple[bool, str]:
         """Join a weight-update group (separate from the TP group): TP rank ``r`` becomes rank
         ``rank_offset + r`` of ``world_size``. Blocks until every member joined (the trainer,
         normally rank 0, calls ``weight_sync.create_group`` concurrently); ``timeout_s`` bounds
         the rendezvous and every later transfer of this group."""
-        return self.refitter.init_group(
-            master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s
-        )
+
+        def run() -> tuple[bool, str]:
+            self.refitter.init_group(
+                master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s
+            )
+            return True, GROUP_INIT_OK
+
+        return self.results.run("init_weights_update_group", run)
 
     def update_weights_from_distributed(
         self,
@@ -325,38 +363,51 @@ class Engine:
         shapes: Sequence[Sequence[int]] | None = None,
         group_name: str = DEFAULT_GROUP,
         flush_cache: bool = True,
+        load_format: str | None = None,  # SGLang's sixth positional
         weight_version: str | None = None,
         commit: bool = True,
-    ) -> dict:
+    ) -> tuple[bool, str]:
         """Receive an update broadcast by the group's rank 0, stage it on every rank, commit.
 
         ``names``: an ``UpdatePlan`` (or its JSON) -- the trainer's ``WeightSender`` streams the
-        plan's buckets, one RPC carries all metadata, and ``weight_version`` defaults to the
-        plan's -- or SGLang's ``names``/``dtypes``/``shapes`` lists, each tensor then being one
-        plain broadcast in that order. Everything is received into a staging arena before any
-        weight is touched. ``commit=False`` stages and holds the update (for a commit across
-        engines): finish with ``commit_staged_weights`` or ``discard_staged_weights``.
-        Raises ``WeightSyncError``/``WeightSyncTimeout`` (dead sender, timeout; then destroy and
-        re-init the group) or ``ModelLoadError`` (bad name/shape/dtype; the group stays usable)
-        with weights and version unchanged."""
-        return self.refitter.from_distributed(
-            names, dtypes, shapes, group_name, weight_version, commit
-        )
+        plan's buckets and ``weight_version`` defaults to the plan's -- or SGLang's
+        ``names``/``dtypes``/``shapes`` lists, each tensor one plain broadcast in that order
+        (``load_format="flattened_bucket"``: one broadcast of SGLang's flattened bucket).
+        Everything is received into a staging arena before any weight is touched.
+        ``commit=False`` stages and holds the update (for a commit across engines): finish with
+        ``commit_staged_weights`` or ``discard_staged_weights``. After a ``WeightSyncError``
+        (dead sender, timeout) destroy and re-init the group; after a bad name/shape/dtype
+        (``ModelLoadError``) the group stays usable."""
+
+        def run() -> tuple[bool, str]:
+            self.refitter.from_distributed(
+                names, dtypes, shapes, group_name, weight_version, commit, load_format
+            )
+            return True, with_version(DISTRIBUTED_OK, weight_version)
+
+        return self.results.run("update_weights_from_distributed", run)
 
     def commit_staged_weights(
         self, weight_version: str | None = None, flush_cache: bool | None = None
     ) -> dict:
         """Commit the update held by ``update_weights_from_distributed(commit=False)`` on every
-        rank and switch the version (default: the one given when staging)."""
+        rank and switch the version (default: the one given when staging). Not SGLang's:
+        returns ``{"success", "num_tensors", "weight_version"}`` and raises on failure."""
         return self.refitter.commit_held(weight_version)
 
     def discard_staged_weights(self) -> dict:
         """Drop a held update (weights and version stay); a no-op when none is held."""
         return self.refitter.discard_held()
 
-    def destroy_weights_update_group(self, group_name: str = DEFAULT_GROUP) -> dict:
-        """Leave the group on every rank (drops an update held from it); idempotent."""
-        return self.refitter.destroy_group(group_name)
+    def destroy_weights_update_group(self, group_name: str = DEFAULT_GROUP) -> tuple[bool, str]:
+        """Leave the group on every rank (drops an update held from it). As SGLang:
+        ``(False, "The group to be destroyed does not exist.")`` for an unknown group."""
+
+        def run() -> tuple[bool, str]:
+            existed = self.refitter.destroy_group(group_name)["existed"]
+            return (True, GROUP_DESTROY_OK) if existed else (False, GROUP_MISSING)
+
+        return self.results.run("destroy_weights_update_group", run)
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
         """HF-named parameter ``name`` as SGLang returns it: ``tolist()`` of its first

@@ -51,3 +51,8 @@ class MemoryStateError(ValueError):
 
 class EngineStoppedError(RuntimeError):
     """The engine was shut down (or its loop died) before the request could be served."""
+
+
+class RefitStateError(ValueError):
+    """A refit verb called in the wrong state: an update is held (commit or discard it first),
+    or there is none to commit (nothing changed)."""

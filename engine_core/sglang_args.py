@@ -210,7 +210,9 @@ SGLANG_ARGS: dict[str, Rule] = {
     "cuda_graph_bs": _no_effect(None, _CUDA_ONLY),
     "enable_torch_compile": _no_effect(False, _CUDA_ONLY),
     "torch_compile_max_bs": _no_effect(32, _CUDA_ONLY),
-    "enable_return_hidden_states": _no_effect(False, "generate(return_hidden_states=True) raises"),
+    "enable_return_hidden_states": _map(
+        "enable_return_hidden_states", False, "allows generate(return_hidden_states=True)"
+    ),
     "enable_custom_logit_processor": _no_effect(False, "generate(custom_logit_processor) raises"),
     "delete_ckpt_after_loading": _no_effect(False, "checkpoints are never deleted"),
     "allow_auto_truncate": _fixed(False, "a prompt longer than the context raises"),
@@ -224,6 +226,9 @@ SGLANG_ARGS: dict[str, Rule] = {
     "skip_server_warmup": _no_effect(False, "no warm-up request is sent"),
     "warmups": _no_effect(None, "no warm-up request is sent"),
     "stream_interval": _no_effect(1, "a chunk per step with new text (as stream_interval=1)"),
+    "incremental_streaming_output": _map(
+        "incremental_streaming_output", False, "stream chunks hold only what is new"
+    ),
     "tokenizer_worker_num": _no_effect(1, "tokenization runs in the caller's thread"),
     "detokenizer_worker_num": _no_effect(1, "detokenization runs on the loop thread"),
     "log_level": _kept("error", "the level of the engine_core loggers (SGLang's Engine: error)"),

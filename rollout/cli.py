@@ -168,7 +168,10 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _serve_backend(args: argparse.Namespace):
     """One in-process engine (no Ray) unless a config or ``--num-engines`` > 1 asks for the
     Ray service."""
+    from rollout.http.streams import check_cumulative_engines
+
     engine_kwargs = _engine_kwargs(args)
+    check_cumulative_engines(engine_kwargs)
     if args.config is None and args.num_engines == 1:
         from engine_core import Engine
         from engine_core.default_model import ensure_default_model
@@ -187,6 +190,7 @@ def _serve_backend(args: argparse.Namespace):
         config = dataclasses.replace(config, num_engines=args.num_engines)
     if engine_kwargs:
         config = dataclasses.replace(config, engine={**config.engine, **engine_kwargs})
+    check_cumulative_engines(config.engine)
     return ServiceBackend(deploy(config))
 
 

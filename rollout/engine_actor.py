@@ -7,6 +7,10 @@ the driver's cache-aware router). It is an async actor: concurrent ``generate`` 
 concurrent ``Engine.async_generate`` calls, so they share the engine's batches. Blocking engine
 calls (refit, sleep) run in a thread so ``health`` and ``abort_request`` keep answering.
 
+Refit verbs return SGLang's ``(success, message)`` tuples, but a failure raises its typed error
+(the engine is built with ``refit_errors="raise"`` unless the caller chose otherwise): the
+service's all-or-none refits and restarts need the error, not a ``False`` to check.
+
 TP ranks are processes the Engine spawns on this actor's node; they use this actor's
 reservation (the service reserves ``tp_size`` ranks' CPUs/GPUs for it) and, should they ever be
 Ray tasks, the placement group captures them.
@@ -90,6 +94,9 @@ class EngineActor:
             )
         self._model_path = model_path
         self._kwargs = {**(engine_kwargs or {}), **kwargs}
+        # The service raises a failed refit's typed error through Ray (RefitError, retries and
+        # the all-or-none refit across engines depend on it); success is SGLang's tuple.
+        self._kwargs.setdefault("refit_errors", "raise")
         self._index = index
         self._reconstructed = _reconstructed()
         # New on every (re)start: a restarted actor left every weight-update group it was in.

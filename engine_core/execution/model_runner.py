@@ -93,8 +93,18 @@ class ModelRunner:
         dev = self.device
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)
         hidden = self.model(ids_t, torch.tensor(positions, dtype=torch.long, device=dev), meta)
-        if not plan.logit_rows:
-            return StepResult([], None, [])
-        rows = torch.tensor(plan.logit_rows, dtype=torch.long, device=dev)
-        logits = self.model.logits(hidden.index_select(0, rows))
-        return sample_step(logits, plan) if self.samples else None
+        if not self.samples:
+            if plan.logit_rows:  # the LM head is vocab-parallel: every rank joins its gather
+                self.model.logits(hidden.index_select(0, self._rows(plan.logit_rows)))
+            return None
+        result = StepResult([], None, [])
+        if plan.logit_rows:
+            logits = self.model.logits(hidden.index_select(0, self._rows(plan.logit_rows)))
+            result = sample_step(logits, plan)
+        if plan.hidden_rows:  # final-norm hidden states (SGLang's return_hidden_states)
+            picked = hidden.index_select(0, self._rows(plan.hidden_rows))
+            result.hidden_states = picked.float().cpu().tolist()
+        return result
+
+    def _rows(self, rows: list[int]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)

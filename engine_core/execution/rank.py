@@ -34,6 +34,7 @@ from engine_core.weights.loader import (
     stage_weights,
 )
 from engine_core.weights.rank_refit import RankRefit
+from engine_core.weights.sglang_payloads import decode_pairs
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,10 @@ class Rank:
 
     def stage_pairs(self, pairs: list[tuple[str, torch.Tensor]]) -> int:
         return self.refit.stage_pairs(pairs)
+
+    def stage_serialized(self, payload: Any, load_format: str | None) -> int:
+        """This rank's SGLang payload (``weights.sglang_payloads``), decoded here."""
+        return self.refit.stage_pairs(decode_pairs(payload, load_format))
 
     def restage_held(self) -> int:
         return self.refit.restage_held()

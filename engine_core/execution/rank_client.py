@@ -9,9 +9,9 @@ rank runs the same call and their collectives line up.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -34,6 +34,7 @@ class RankClient:
     def __init__(self, transport: LocalRanks | TPRanks) -> None:
         self._transport = transport
         self._on_all = transport.call
+        self._on_each = transport.call_each
 
     @property
     def local(self) -> Rank | None:
@@ -81,6 +82,10 @@ class RankClient:
 
     def stage_pairs(self, pairs: list) -> int:
         return self._on_all(Rank.stage_pairs, pairs)
+
+    def stage_serialized(self, payloads: Sequence[Any], load_format: str | None) -> int:
+        """SGLang's per-rank payloads: rank ``r`` decodes ``payloads[r]`` only."""
+        return self._on_each(Rank.stage_serialized, [(p, load_format) for p in payloads])
 
     def restage_held(self) -> int:
         return self._on_all(Rank.restage_held)
@@ -134,6 +139,9 @@ class LocalRanks:
     def call(self, method: Callable[..., T], *args: Any) -> T:
         return method(self.rank, *args)
 
+    def call_each(self, method: Callable[..., T], per_rank: Sequence[tuple]) -> T:
+        return method(self.rank, *per_rank[0])
+
     def shutdown(self) -> None:
         pass
 
@@ -155,28 +163,23 @@ class TPRanks:
         context_length: int,
         start_timeout_s: float = 300.0,
     ):
-        from engine_core.execution.tp_worker import worker_main
+        from engine_core.execution.tp_worker import start_worker
 
-        ctx = mp.get_context("spawn")
         size = config.tp_size
         threads = max(1, (os.cpu_count() or 1) // size) if config.device == "cpu" else 1
         threads = config.num_threads or threads
         group = {"port": _free_port(), "name": f"tp-{uuid.uuid4().hex[:12]}", "size": size}
         self.conns = []
         self.procs = []
-        for rank in range(size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=worker_main,
-                name=f"tp-rank-{rank}",
-                daemon=True,
-                args=(rank, child, config, model_cfg, context_length, group, threads),
-            )
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(proc)
         self._closed = False
+        for rank in range(size):
+            try:
+                conn, proc = start_worker((rank, config, model_cfg, context_length, group, threads))
+            except BaseException:
+                self.shutdown()
+                raise
+            self.conns.append(conn)
+            self.procs.append(proc)
         try:
             self._collect("start", timeout=start_timeout_s)
         except BaseException:
@@ -185,7 +188,11 @@ class TPRanks:
 
     def call(self, method: Callable[..., T], *args: Any) -> T:
         """Run ``method(rank, *args)`` on every rank; return rank 0's result."""
-        for conn in self.conns:
+        return self.call_each(method, [args] * len(self.conns))
+
+    def call_each(self, method: Callable[..., T], per_rank: Sequence[tuple]) -> T:
+        """Run ``method(rank, *per_rank[r])`` on every rank ``r``; return rank 0's result."""
+        for conn, args in zip(self.conns, per_rank, strict=True):
             conn.send((method, args))
         return self._collect(method.__qualname__)[0]
 
@@ -196,7 +203,14 @@ class TPRanks:
                 errors.append(f"rank {rank}: no reply to {what} within {timeout}s")
                 results.append(None)
                 continue
-            status, value = conn.recv()
+            try:
+                status, value = conn.recv()
+            except (EOFError, OSError):  # the process exited without replying
+                code = self.procs[rank].wait(timeout=10)
+                raise RemoteError(
+                    f"TP rank {rank} exited (code {code}) before replying to {what}; "
+                    "see its output above"
+                ) from None
             results.append(value)
             if status != "ok":
                 errors.append(f"rank {rank}: {value}")
@@ -209,8 +223,8 @@ class TPRanks:
         waited = 0.0
         while not conn.poll(1.0):
             waited += 1.0
-            if not self.procs[rank].is_alive():
-                raise RemoteError(f"TP rank {rank} died (exit code {self.procs[rank].exitcode})")
+            if self.procs[rank].poll() is not None:
+                raise RemoteError(f"TP rank {rank} died (exit code {self.procs[rank].returncode})")
             if timeout is not None and waited >= timeout:
                 return False
         return True
@@ -225,9 +239,10 @@ class TPRanks:
             except (BrokenPipeError, OSError):
                 pass
         for proc in self.procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join(timeout=5)
+                proc.wait(timeout=5)
         for conn in self.conns:
             conn.close()

@@ -1,7 +1,20 @@
-"""One TP rank's process: joins the TP group, builds its ``Rank``, serves its calls."""
+"""One TP rank's process: joins the TP group, builds its ``Rank``, serves its calls.
+
+``start_worker`` runs it as ``python -m engine_core.execution.tp_worker <fd>``: a fresh
+interpreter that never imports the user's ``__main__`` (multiprocessing's spawn re-runs an
+unguarded script in every child, which then fails), connected to the engine by a socket pair
+whose end it inherits. The first message carries the rank's arguments, ``sys.path`` and the
+engine process's multiprocessing authkey (a rank fetches the shared-memory descriptors of
+SGLang-serialized tensors from the process that pickled them, which checks that key).
+"""
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
+import os
+import subprocess
+import sys
 import traceback
 from typing import Any
 
@@ -79,3 +92,29 @@ def _serve(rank: int, conn: Any, worker: Any) -> None:
             conn.send(("ok", value if rank == 0 else None))
         except BaseException:
             conn.send(("error", traceback.format_exc()))
+
+
+def start_worker(args: tuple) -> tuple[multiprocessing.connection.Connection, subprocess.Popen]:
+    """Start one rank process (engine side); ``args`` are ``worker_main``'s after ``conn``."""
+    parent, child = multiprocessing.Pipe()
+    fd = child.fileno()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine_core.execution.tp_worker", str(fd)], pass_fds=[fd], env=env
+    )
+    child.close()
+    parent.send((args, list(sys.path), bytes(multiprocessing.current_process().authkey)))
+    return parent, proc
+
+
+def _main(fd: int) -> None:
+    conn = multiprocessing.connection.Connection(fd)
+    args, path, authkey = conn.recv()
+    sys.path[:] = path
+    multiprocessing.current_process().authkey = authkey
+    rank, *rest = args
+    worker_main(rank, conn, *rest)
+
+
+if __name__ == "__main__":
+    _main(int(sys.argv[1]))

@@ -59,7 +59,11 @@ class MergedColumnParallelLinear(ShardedLinear):
         self, in_f: int, outs: list[int], bias: bool, tp: TPContext, fn: LinearFn = F.linear
     ):
         self.local_outs = [divide(o, tp.size, "merged output features") for o in outs]
+        self.full_outs = tuple(outs)
         super().__init__(in_f, sum(self.local_outs), bias, tp, fn)
+
+    def fused_rows(self) -> tuple[int, ...]:
+        return self.full_outs
 
     def shard_ids(self) -> tuple[object, ...]:
         return tuple(range(len(self.local_outs)))
@@ -99,7 +103,11 @@ class QKVParallelLinear(ShardedLinear):
             self.kv_replicas = tp.size // num_kv_heads
         q, kv = self.local_heads * head_dim, self.local_kv_heads * head_dim
         self.sizes = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}
+        self.full_rows = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
         super().__init__(hidden, q + 2 * kv, bias, tp, fn)
+
+    def fused_rows(self) -> tuple[int, ...]:
+        return self.full_rows
 
     def shard_ids(self) -> tuple[object, ...]:
         return ("q", "k", "v")

@@ -18,6 +18,12 @@ class WeightOwner(nn.Module):
         """The parts one parameter is fused from, in HF order (``(None,)``: not fused)."""
         return (None,)
 
+    def fused_rows(self) -> tuple[int, ...] | None:
+        """Full (unsharded) rows of each part of a fused parameter, in ``shard_ids`` order, so a
+        fused tensor (SGLang's ``qkv_proj`` / ``gate_up_proj`` names) splits into its parts;
+        None when not fused."""
+        return None
+
     def loaded_leaves(self) -> tuple[str, ...]:
         """Parameter leaves a complete checkpoint must provide for this module."""
         return tuple(leaf for leaf in ("weight", "bias") if getattr(self, leaf, None) is not None)

@@ -38,6 +38,7 @@ class SeqSpec:
     logprob_start_len: int
     top_logprobs_num: int
     token_ids_logprob: list[int] | None = None
+    return_hidden_states: bool = False
 
 
 class RequestFactory:
@@ -51,12 +52,14 @@ class RequestFactory:
         pool: PagePool,
         seed: int,
         max_requests_per_call: int = DEFAULT_MAX_REQUESTS_PER_CALL,
+        hidden_states_enabled: bool = False,
     ):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.context_length = context_length
         self.pool = pool
         self.max_requests_per_call = max_requests_per_call
+        self.hidden_states_enabled = hidden_states_enabled
         self._rng = random.Random(seed)
         self._arrival = itertools.count()
         self._lock = threading.Lock()
@@ -80,6 +83,20 @@ class RequestFactory:
         check_request_count(total, limit, count_field, total)
         specs = [self._spec(item, sp, field) for item, sp in zip(items, sps)]
         return self._expand(specs), batch is not None
+
+    def _check_hidden_states(self, value: Any, where: str) -> bool:
+        """SGLang refuses ``return_hidden_states`` unless the server enables it."""
+        field = f"return_hidden_states{where}"
+        if not isinstance(value, bool):
+            raise InvalidRequestError(field, value, "must be a bool")
+        if value and not self.hidden_states_enabled:
+            raise InvalidRequestError(
+                field,
+                value,
+                "the engine is not configured to return hidden states; construct it with "
+                "enable_return_hidden_states=True",
+            )
+        return value
 
     def _spec(self, item: GenerateItem, sp: SamplingParams, field: str) -> SeqSpec:
         where = item.where
@@ -105,6 +122,7 @@ class RequestFactory:
             item.logprob_start_len,
             item.top_logprobs_num,
             list(token_ids) if token_ids is not None else None,
+            self._check_hidden_states(item.return_hidden_states, where),
         )
 
     def _tokenize(self, item: Any, field: str) -> list[int]:
@@ -179,6 +197,7 @@ class RequestFactory:
             top_logprobs_num=spec.top_logprobs_num,
             token_ids_logprob=spec.token_ids_logprob if spec.return_logprob else None,
             max_new_tokens=min(sp.max_new_tokens, self.context_length - len(spec.prompt_ids)),
+            return_hidden_states=spec.return_hidden_states,
         )
         if req.return_logprob and req.input_logprob_start == 0:
             req.input_logprobs.append(None)  # the first token has no context to score it

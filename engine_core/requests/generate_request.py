@@ -40,7 +40,6 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lora_path": (_empty, "no LoRA"),
     "custom_logit_processor": (_empty, "no custom logit processors"),
     "require_reasoning": (_empty, "no reasoning models"),
-    "return_hidden_states": (_empty, "no hidden states are returned"),
     "return_routed_experts": (_empty, "no MoE models"),
     "bootstrap_host": (_empty, "no prefill/decode disaggregation"),
     "bootstrap_port": (_empty, "no prefill/decode disaggregation"),
@@ -181,10 +180,16 @@ class GenerateRequest:
                 "rid",
             )
         ]
+        hidden = per_item(self.return_hidden_states, batch, "return_hidden_states")
         token_ids = token_ids_per_item(self.token_ids_logprob, batch)
         items = [
             GenerateItem(
-                i, batch is not None, inputs[i], *(column[i] for column in columns), token_ids[i]
+                i,
+                batch is not None,
+                inputs[i],
+                *(column[i] for column in columns),
+                token_ids[i],
+                hidden[i],
             )
             for i in range(len(inputs))
         ]
@@ -206,6 +211,7 @@ class GenerateRequest:
             top_logprobs_num=[item.top_logprobs_num for item in items],
             rid=rids if rids is not None else [item.rid for item in items],
             token_ids_logprob=[item.token_ids_logprob for item in items],
+            return_hidden_states=[item.return_hidden_states for item in items],
         )
 
 
@@ -223,6 +229,7 @@ class GenerateItem:
     top_logprobs_num: Any
     rid: Any
     token_ids_logprob: Any = None
+    return_hidden_states: Any = False
 
     @property
     def where(self) -> str:

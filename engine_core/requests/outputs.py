@@ -26,6 +26,16 @@ class FlushCacheOutput:
         return getattr(self, key)
 
 
+# Output-side meta_info lists an incremental chunk slices to its new tokens (SGLang's
+# INCREMENTAL_STREAMING_META_INFO_KEYS, plus our per-token weight_versions).
+INCREMENTAL_META_KEYS = {
+    "output_token_logprobs",
+    "output_top_logprobs",
+    "output_token_ids_logprobs",
+    "weight_versions",
+}
+
+
 def meta_info(req: Request, weight_version: str, final: bool = True) -> dict[str, Any]:
     """SGLang's meta_info keys (and ``weight_versions``, one per output token);
     ``e2e_latency`` (seconds from submission) only once the request finished, as SGLang."""
@@ -43,7 +53,19 @@ def meta_info(req: Request, weight_version: str, final: bool = True) -> dict[str
         info["e2e_latency"] = time.monotonic() - req.created_at
     if req.return_logprob:
         info.update(_logprob_fields(req))
+    if req.return_hidden_states:
+        info["hidden_states"] = hidden_states_of(req)
     return info
+
+
+def hidden_states_of(req: Request) -> list:
+    """SGLang's ``meta_info["hidden_states"]``: first the prompt's rows (a list of vectors),
+    then one vector per token fed since (each generated token but the last, which was never
+    run through the model)."""
+    computed = req.hidden_states
+    prompt = [computed[p] for p in range(len(req.prompt_ids)) if p in computed]
+    fed = [computed[p] for p in range(len(req.prompt_ids), req.num_tokens) if p in computed]
+    return [prompt, *fed]
 
 
 def _logprob_fields(req: Request) -> dict[str, Any]:
@@ -99,10 +121,12 @@ class OutputBuilder:
         tokenizer: Any,
         release: Callable[[Iterable[str]], None],
         weight_version: Callable[[], str],
+        incremental: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.release = release
         self.weight_version = weight_version
+        self.incremental = incremental
 
     def decode(self, req: Request) -> str:
         """The request's output text: all of it while running; once finished by a stop, trimmed
@@ -129,7 +153,10 @@ class OutputBuilder:
         return final_output(req, text, self.weight_version())
 
     def delta(self, req: Request, state: StreamState, final: bool, text: str | None):
-        """The next stream chunk (None: nothing new yet); chunks concatenate to the output."""
+        """The next stream chunk (None: nothing new yet). As SGLang's offline Engine: each
+        chunk holds everything so far (``text``, ``output_ids``, ``meta_info`` logprobs), the
+        last one equals the final output; with ``incremental`` (SGLang's
+        ``incremental_streaming_output``) only what is new, so chunks concatenate to it."""
         if final:
             self.release([req.rid])
             full = text or ""
@@ -139,17 +166,20 @@ class OutputBuilder:
             texts = req.params.stop + req.params.stop_regex
             hold = max((len(s) for s in texts), default=1) - 1
             full = full[: len(full) - hold] if hold else full
-        new_ids = req.output_ids[state.sent_tokens :]
+        offset = state.sent_tokens
+        new_ids = req.output_ids[offset:]
         new_text = full[len(state.sent_text) :] if len(full) > len(state.sent_text) else ""
         if not final and not new_ids:
             return None
         state.sent_tokens += len(new_ids)
         state.sent_text += new_text
-        return {
-            "text": new_text,
-            "output_ids": new_ids,
-            "meta_info": meta_info(req, self.weight_version(), final),
-        }
+        info = meta_info(req, self.weight_version(), final)
+        if not self.incremental:
+            shown = full if final else state.sent_text
+            return {"text": shown, "output_ids": list(req.output_ids), "meta_info": info}
+        for key in INCREMENTAL_META_KEYS & info.keys():
+            info[key] = info[key][offset:]
+        return {"text": new_text, "output_ids": new_ids, "meta_info": info}
 
 
 # ---------------------------------------------------------------- sinks (loop thread)

@@ -46,6 +46,10 @@ class Request:
     output_token_ids_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     input_token_ids_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
     output_versions: list[str] = field(default_factory=list)
+    return_hidden_states: bool = False
+    # position -> final-norm hidden state of the token there (rows recomputed after a
+    # retraction overwrite theirs); meta_info["hidden_states"] is built from it.
+    hidden_states: dict[int, list[float]] = field(default_factory=dict)
     finish_reason: dict | None = None
     num_retractions: int = 0
     created_at: float = field(default_factory=time.monotonic)  # submission (e2e_latency)
@@ -89,9 +93,12 @@ class Request:
 
     def cacheable_prefix(self) -> int:
         """How many leading tokens may take their KV from the prefix cache: never the last
-        (its logits sample the next token) nor the row before the first prompt token whose
-        input logprob is still to be reported (that row's logits must be computed)."""
+        (its logits sample the next token), nor the row before the first prompt token whose
+        input logprob is still to be reported (that row's logits must be computed), nor any
+        row when hidden states are returned."""
         limit = self.num_tokens - 1
+        if self.return_hidden_states:
+            return 0  # every row's hidden state is reported: each must be computed
         if self.return_logprob:
             first_target = self.input_logprob_start + len(self.input_logprobs)
             if first_target < len(self.prompt_ids):

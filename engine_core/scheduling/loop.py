@@ -195,11 +195,16 @@ class EngineLoop:
         row_of = 0  # walks logit rows in plan order
         sample_index = 0
         version = self.weight_version()
+        hidden_row = 0  # walks result.hidden_states in plan order
         for chunk in chunks:
             req = chunk.req
             req.num_computed += chunk.length
             if chunk.length > 1 or chunk.start < len(req.prompt_ids):
                 self.stats.prefill_tokens += chunk.length
+            if req.return_hidden_states:
+                rows = result.hidden_states[hidden_row : hidden_row + chunk.length]
+                req.hidden_states.update(enumerate(rows, start=chunk.start))
+                hidden_row += chunk.length
             if req.return_logprob:
                 row_of = self._record_input_logprobs(req, chunk, result, row_of)
             if not chunk.samples:

@@ -59,6 +59,7 @@ class StepPlan:
     token_ids: list[list[int] | None] = field(default_factory=list)  # token_ids_logprob per row
     samples: list[SampleSpec] = field(default_factory=list)
     want_logprobs: bool = False
+    hidden_rows: list[int] = field(default_factory=list)  # rows whose hidden states return
 
 
 @dataclass
@@ -68,6 +69,7 @@ class StepResult:
     top_logprobs: list[list[tuple[float, int]]]  # per logit row, empty when not requested
     # per logit row: (logprob, id) of the request's token_ids_logprob (None: not asked)
     token_ids_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
+    hidden_states: list[list[float]] = field(default_factory=list)  # one per hidden row
 
 
 def build_plan(chunks: list[Chunk], eos_ids: Iterable[int] = ()) -> StepPlan:
@@ -83,6 +85,8 @@ def build_plan(chunks: list[Chunk], eos_ids: Iterable[int] = ()) -> StepPlan:
         plan.seqs.append(
             SeqPlan(ids[chunk.start : chunk.start + chunk.length], chunk.start, req.pages)
         )
+        if req.return_hidden_states:
+            plan.hidden_rows.extend(range(row, row + chunk.length))
         if req.return_logprob:
             for pos in range(chunk.start, chunk.start + chunk.length):
                 if req.wants_input_logprob_at(pos):

@@ -127,6 +127,29 @@ def _target(model: nn.Module, name: str, tensor: torch.Tensor, key: Key) -> Part
     return Part(getattr(module, leaf), dst, src)
 
 
+def unfused(
+    model: nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Split a fused tensor named as the engine's own parameter (SGLang's ``qkv_proj`` /
+    ``gate_up_proj``, e.g. ``load_format="direct"``: the full tensor, parts stacked on dim 0 in
+    HF order) into its HF parts; other tensors pass through."""
+    for name, tensor in named_tensors:
+        path, leaf, shard = owner_key(model, name)
+        module = owner_of(model, path) if shard is None else None
+        rows = module.fused_rows() if module is not None else None
+        if rows is None or not isinstance(tensor, torch.Tensor) or leaf not in ("weight", "bias"):
+            yield name, tensor
+            continue
+        if tensor.dim() == 0 or tensor.shape[0] != sum(rows):
+            parts = [hf_name(model, (path, leaf, sid)) for sid in module.shard_ids()]
+            raise ModelLoadError(
+                f"fused weight {name!r} with shape {tuple(tensor.shape)}: expected {sum(rows)} "
+                f"rows ({parts} stacked, full size {list(rows)})"
+            )
+        for sid, piece in zip(module.shard_ids(), tensor.split(list(rows)), strict=True):
+            yield hf_name(model, (path, leaf, sid)), piece
+
+
 @dataclass
 class StagedWeights:
     """Validated sources for parameter slices, ready to commit; nothing written yet.
@@ -166,7 +189,7 @@ def stage_weights(
     tied = model.config.tie_word_embeddings
     parts: list[Part] = []
     seen: dict[Key, str] = {}
-    for name, tensor in named_tensors:
+    for name, tensor in unfused(model, named_tensors):
         if name.endswith(SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         if not isinstance(tensor, torch.Tensor):

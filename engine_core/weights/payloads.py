@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from engine_core.weights.sglang_payloads import FLATTENED_BUCKET  # also our bucket handles
 from weight_sync import (
     DEFAULT_BUCKET_BYTES,
     BucketHandle,
@@ -18,8 +19,6 @@ from weight_sync import (
     SegmentPool,
     UpdatePlan,
 )
-
-FLATTENED_BUCKET = "flattened_bucket"  # load_format of colocated bucket handles
 
 
 def plan_of(names: Any) -> UpdatePlan | None:
@@ -41,10 +40,15 @@ def handles_of(named_tensors: Any, load_format: str | None) -> list[BucketHandle
     is_handles = bool(items) and all(isinstance(h, BucketHandle) for h in items)
     if load_format == FLATTENED_BUCKET:
         if not is_handles:
-            raise ValueError(f"load_format={FLATTENED_BUCKET!r} takes a list of BucketHandle")
+            raise ValueError(
+                f"load_format={FLATTENED_BUCKET!r} takes SGLang's serialized payloads (one per "
+                "TP rank), a FlattenedTensorBucket dict, or a list of BucketHandle"
+            )
         return items
     if load_format not in (None, "direct"):
-        raise ValueError(f"unknown load_format {load_format!r} (None or {FLATTENED_BUCKET!r})")
+        raise ValueError(
+            f"unknown load_format {load_format!r} (None, 'direct' or {FLATTENED_BUCKET!r})"
+        )
     return items if is_handles else None
 
 

@@ -31,6 +31,7 @@ from engine_core.weights.loader import (
     owner_of,
     param_view,
 )
+from engine_core.weights.sglang_payloads import FlattenedMetas
 from weight_sync import (
     UpdatePlan,
     WeightGroup,
@@ -156,6 +157,11 @@ class RankRefit:
         try:
             if plan is not None:
                 return member.arena.receive(member.group, plan, in_use=in_use)
+            if isinstance(metas, FlattenedMetas):  # one broadcast, split into its tensors
+                [(_, flat)] = member.arena.receive_tensors(
+                    member.group, [metas.flat_meta()], in_use=in_use
+                )
+                return metas.split(flat)
             return member.arena.receive_tensors(member.group, metas or [], in_use=in_use)
         except BaseException as exc:
             # Only a sender's abort header leaves the stream in sync (it is the update's last

@@ -17,14 +17,21 @@ cast silently.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from engine_core.errors import ModelLoadError
+from engine_core.errors import ModelLoadError, RefitStateError
 from engine_core.execution.rank_client import RankClient
 from engine_core.model_config import ModelConfig, load_model_config
 from engine_core.scheduling.loop import EngineLoop
 from engine_core.weights.payloads import RefitSegments, handles_of, pairs_of, plan_of
+from engine_core.weights.sglang_payloads import (
+    FLATTENED_BUCKET,
+    FlattenedMetas,
+    bucket_pairs,
+    is_serialized,
+    per_rank_tensors,
+)
 from weight_sync import UpdatePlan
 
 log = logging.getLogger(__name__)
@@ -146,6 +153,19 @@ class Refitter:
         return self._two_phase(lambda: self.ranks.stage_checkpoint(model_path), version, model_path)
 
     def from_tensors(self, named_tensors: Any, load_format: str | None, version: str | None):
+        per_rank = per_rank_tensors(named_tensors, self.tp_size)
+        if per_rank is not None or is_serialized(named_tensors):
+            # SGLang's per-rank payloads (or per-tensor values): each rank decodes its own.
+            payloads = per_rank if per_rank is not None else list(named_tensors)
+            if len(payloads) != self.tp_size:
+                raise ModelLoadError(
+                    f"named_tensors: {len(payloads)} serialized payloads, expected one per TP "
+                    f"rank ({self.tp_size})"
+                )
+            stage = lambda: self.ranks.stage_serialized(payloads, load_format)  # noqa: E731
+            return self._two_phase(stage, version)
+        if load_format == FLATTENED_BUCKET and isinstance(named_tensors, Mapping):
+            named_tensors, load_format = bucket_pairs(named_tensors), None  # in-process bucket
         handles = handles_of(named_tensors, load_format)
         if handles is not None:
             return self._two_phase(lambda: self.ranks.stage_colocated(handles), version)
@@ -180,17 +200,25 @@ class Refitter:
         group_name: str,
         version: str | None,
         commit: bool,
+        load_format: str | None = None,
     ) -> dict:
         plan = plan_of(names)
         metas = None
+        if load_format not in (None, FLATTENED_BUCKET) or (load_format and plan is not None):
+            raise ModelLoadError(
+                f"load_format={load_format!r}: None, or {FLATTENED_BUCKET!r} with SGLang's "
+                "names/dtypes/shapes lists"
+            )
         if plan is None:
             if dtypes is None or shapes is None or not len(names) == len(dtypes) == len(shapes):
                 raise ValueError("names, dtypes and shapes must be lists of equal length")
-            metas = list(zip(names, [dtype_name(d) for d in dtypes], shapes))
+            metas = list(zip(names, [dtype_name(d) for d in dtypes], [list(s) for s in shapes]))
+            if load_format == FLATTENED_BUCKET:
+                metas = FlattenedMetas(metas)
         elif version is None:
             version = str(plan.weight_version)
         if self.held is not None:
-            raise RuntimeError("a staged update is held; commit or discard it first")
+            raise RefitStateError("a staged update is held; commit or discard it first")
         local = self.ranks.local
         if local is None:
             stage = lambda: self.ranks.stage_distributed(group_name, plan, metas, not commit)  # noqa: E731
@@ -222,7 +250,7 @@ class Refitter:
     def commit_held(self, version: str | None) -> dict:
         def run() -> dict:
             if self.held is None:
-                raise RuntimeError("no staged update to commit")
+                raise RefitStateError("no staged update to commit")
             self.guard()
             # Two phases across TP ranks again: validate everywhere, then write everywhere.
             self._stage_or_discard(self.ranks.restage_held)

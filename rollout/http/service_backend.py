@@ -20,6 +20,7 @@ from typing import Any
 
 from engine_core.requests.generate_request import GenerateRequest
 from rollout.http.backend import Backend
+from rollout.http.streams import as_deltas
 from rollout.service import RolloutService
 
 
@@ -53,6 +54,10 @@ class ServiceBackend(Backend):
         return await self.driver.generate.remote(request)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[dict]:
+        async for chunk in as_deltas(self._chunks(request)):
+            yield chunk
+
+    async def _chunks(self, request: GenerateRequest) -> AsyncIterator[dict]:
         async for ref in self.driver.generate_stream.remote(request):
             yield await ref
 

@@ -48,6 +48,31 @@ class OpenStream:
             await self._it.aclose()
 
 
+async def as_deltas(chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    """The engines stream SGLang's cumulative chunks (each holds the output so far); a backend
+    hands on ``text`` / ``output_ids`` as deltas (``meta_info`` stays cumulative), which the
+    routes shape into SGLang's HTTP chunks (cumulative by default, or incremental)."""
+    text, ids = "", 0
+    async for chunk in chunks:
+        full_text, full_ids = chunk["text"], chunk["output_ids"]
+        delta = full_text[len(text) :] if full_text.startswith(text) else full_text
+        yield {**chunk, "text": delta, "output_ids": full_ids[ids:]}
+        text, ids = full_text, len(full_ids)
+
+
+def check_cumulative_engines(engine_kwargs: dict) -> None:
+    """The HTTP front needs the engines' default (cumulative) streams; incremental HTTP chunks
+    are the server's own switch (``HTTPConfig.incremental_streaming_output``)."""
+    if engine_kwargs.get("incremental_streaming_output"):
+        from engine_core.errors import InvalidConfigError
+
+        raise InvalidConfigError(
+            "incremental_streaming_output",
+            True,
+            "behind rollout serve, set it on the server (HTTPConfig), not on the engines",
+        )
+
+
 async def _quiet(call: Callable) -> None:
     try:
         await call()

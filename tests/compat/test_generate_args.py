@@ -99,7 +99,6 @@ def test_empty_and_per_item_none_values_are_accepted(engine, plain):
         ("lora_path", ["adapters/a"]),
         ("custom_logit_processor", '{"callable": "x"}'),
         ("require_reasoning", True),
-        ("return_hidden_states", True),
         ("return_routed_experts", True),
         ("bootstrap_host", "10.0.0.1"),
         ("bootstrap_port", 8998),

@@ -73,11 +73,17 @@ def test_stop_string_truncates_text(engine, plain):
     assert len(out["output_ids"]) < 16
 
 
-def test_stream_concatenates_to_full_output(engine, plain):
+def test_stream_chunks_are_cumulative_as_sglang(engine, plain):
+    """SGLang's offline Engine (incremental_streaming_output=False): every chunk holds the
+    output so far; the last one is the final output."""
     chunks = list(engine.generate(input_ids=PROMPT, sampling_params=GREEDY, stream=True))
     assert len(chunks) > 1
-    assert sum((c["output_ids"] for c in chunks), []) == plain["output_ids"]
-    assert "".join(c["text"] for c in chunks) == plain["text"]
+    ids = plain["output_ids"]
+    for chunk in chunks:
+        assert chunk["output_ids"] == ids[: len(chunk["output_ids"])]
+        assert plain["text"].startswith(chunk["text"])
+    assert [len(c["output_ids"]) for c in chunks] == sorted({len(c["output_ids"]) for c in chunks})
+    assert chunks[-1]["output_ids"] == ids and chunks[-1]["text"] == plain["text"]
     assert chunks[-1]["meta_info"]["finish_reason"] == plain["meta_info"]["finish_reason"]
 
 
@@ -87,7 +93,8 @@ def test_stream_with_stop_string(engine, plain):
     chunks = list(
         engine.generate(input_ids=PROMPT, sampling_params=dict(GREEDY, stop=stop), stream=True)
     )
-    assert "".join(c["text"] for c in chunks) == full["text"]
+    assert chunks[-1]["text"] == full["text"]
+    assert all(full["text"].startswith(c["text"]) for c in chunks)  # a stop string never shows
 
 
 def test_async_generate_concurrent(engine, plain):
@@ -105,7 +112,7 @@ def test_async_stream(engine, plain):
         return [chunk async for chunk in stream]
 
     chunks = asyncio.run(main())
-    assert sum((c["output_ids"] for c in chunks), []) == plain["output_ids"]
+    assert len(chunks) > 1 and chunks[-1]["output_ids"] == plain["output_ids"]
 
 
 def test_abort_returns_partial_output(engine):

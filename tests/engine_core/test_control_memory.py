@@ -38,14 +38,14 @@ def run(engine: Engine) -> list[list[int]]:
 def expected(old, new):
     outputs = {}
     for name, path in (("old", old), ("new", new)):
-        with Engine(path, device="cpu", max_total_tokens=1024) as engine:
+        with Engine(path, device="cpu", refit_errors="raise", max_total_tokens=1024) as engine:
             outputs[name] = run(engine)
     assert outputs["old"] != outputs["new"]
     return outputs
 
 
 def test_release_frees_memory_blocks_generation_and_resume_restores(old, expected):
-    with Engine(old, device="cpu", kv_cache_memory_bytes=KV) as engine:
+    with Engine(old, device="cpu", refit_errors="raise", kv_cache_memory_bytes=KV) as engine:
         assert run(engine) == expected["old"]
         loaded = process_tree_rss()
         result = engine.release_memory_occupation()
@@ -62,7 +62,7 @@ def test_release_frees_memory_blocks_generation_and_resume_restores(old, expecte
 
 def test_kv_release_retracts_requests_in_flight_and_they_continue(old, expected):
     params = dict(GREEDY, max_new_tokens=200)
-    with Engine(old, device="cpu", max_total_tokens=1024) as engine:
+    with Engine(old, device="cpu", refit_errors="raise", max_total_tokens=1024) as engine:
         full = engine.generate(input_ids=PROMPTS, sampling_params=params)
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(engine.generate, input_ids=PROMPTS, sampling_params=params)
@@ -82,7 +82,13 @@ def test_kv_release_retracts_requests_in_flight_and_they_continue(old, expected)
 
 
 def test_wait_policy_queues_until_resume(old, expected):
-    with Engine(old, device="cpu", max_total_tokens=1024, generate_while_released="wait") as e:
+    with Engine(
+        old,
+        device="cpu",
+        refit_errors="raise",
+        max_total_tokens=1024,
+        generate_while_released="wait",
+    ) as e:
         e.release_memory_occupation("kv_cache")
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(run, e)
@@ -93,7 +99,7 @@ def test_wait_policy_queues_until_resume(old, expected):
 
 
 def test_resume_restores_the_last_disk_refit(old, new, expected):
-    with Engine(old, device="cpu", max_total_tokens=1024) as engine:
+    with Engine(old, device="cpu", refit_errors="raise", max_total_tokens=1024) as engine:
         engine.update_weights_from_disk(new, weight_version="v2")
         engine.release_memory_occupation(["weights"])
         with pytest.raises(EngineReleasedError, match="before a refit"):
@@ -107,7 +113,7 @@ def test_resume_restores_the_last_disk_refit(old, new, expected):
 
 def test_after_a_tensor_refit_weights_resume_empty_until_a_full_refit(old, new, expected):
     tensors = load_file(os.path.join(new, "model.safetensors"))
-    with Engine(old, device="cpu", max_total_tokens=1024) as engine:
+    with Engine(old, device="cpu", refit_errors="raise", max_total_tokens=1024) as engine:
         engine.update_weights_from_tensor(list(tensors.items()), weight_version="t1")
         assert run(engine) == expected["new"]
         engine.release_memory_occupation(["weights"])
@@ -149,7 +155,9 @@ def test_sleep_on_idle_releases_and_wakes_transparently(old, new, expected):
 
 
 def test_tp2_release_frees_memory_on_every_rank(old, expected):
-    with Engine(old, device="cpu", tp_size=2, kv_cache_memory_bytes=KV) as engine:
+    with Engine(
+        old, device="cpu", refit_errors="raise", tp_size=2, kv_cache_memory_bytes=KV
+    ) as engine:
         assert run(engine) == expected["old"]
         loaded = process_tree_rss()
         engine.release_memory_occupation()
@@ -173,11 +181,11 @@ def test_tp2_release_frees_memory_on_every_rank(old, expected):
 )
 def test_config_validation(old, kwargs, field):
     with pytest.raises(InvalidConfigError, match=field):
-        Engine(old, device="cpu", **kwargs)
+        Engine(old, device="cpu", refit_errors="raise", **kwargs)
 
 
 def test_unknown_tag_and_source_are_rejected(old):
-    with Engine(old, device="cpu", max_total_tokens=256) as engine:
+    with Engine(old, device="cpu", refit_errors="raise", max_total_tokens=256) as engine:
         with pytest.raises(ValueError, match="unknown memory tags"):
             engine.release_memory_occupation(["kv"])
         engine.release_memory_occupation(["weights"])

@@ -156,7 +156,7 @@ def test_refit_while_paused_continues_on_new_weights(model_dir, path, reference,
     with Engine(path, **KW) as engine:
         future = start(engine, pool)
         engine.pause_generation(mode=mode)
-        assert engine.update_weights_from_disk(new, weight_version="v2")["success"]
+        assert engine.update_weights_from_disk(new, weight_version="v2")[0] is True
         engine.continue_generation()
         outs = future.result(timeout=30)
     with Engine(new, **KW) as fresh:

@@ -25,12 +25,17 @@ def run(engine: Engine) -> list:
 
 def test_refit_from_disk_equals_fresh_engine(model_dir):
     old, new = model_dir("qwen3"), model_dir("qwen3", seed=1)
-    with Engine(new, device="cpu") as fresh:
+    with Engine(new, device="cpu", refit_errors="raise") as fresh:
         expected = run(fresh)
-    with Engine(old, device="cpu") as engine:
+    with Engine(old, device="cpu", refit_errors="raise") as engine:
         before = run(engine)
         result = engine.update_weights_from_disk(new, weight_version="step-1")
-        assert result["success"] and engine.weight_version == "step-1"
+        assert result == (
+            True,
+            "Succeeded to update model weights. Weight version updated to step-1.",
+            0,
+        )
+        assert engine.weight_version == "step-1"
         after = run(engine)
         out = engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)
     assert after == expected and before != expected
@@ -46,7 +51,7 @@ def test_failed_refit_leaves_weights_and_version(model_dir, tmp_path):
     tensors = load_file(file)
     tensors["model.layers.1.mlp.down_proj.weight"] = torch.zeros(3, 3)  # last-ish tensor is bad
     save_file(tensors, file, metadata={"format": "pt"})
-    with Engine(old, device="cpu") as engine:
+    with Engine(old, device="cpu", refit_errors="raise") as engine:
         before = run(engine)
         snapshot = {k: v.clone() for k, v in engine.runner.model.state_dict().items()}
         with pytest.raises(ModelLoadError, match="down_proj"):
@@ -60,7 +65,7 @@ def test_failed_refit_leaves_weights_and_version(model_dir, tmp_path):
 def test_get_weights_by_name(model_dir):
     path = model_dir("llama")
     ref = load_file(os.path.join(path, "model.safetensors"))
-    with Engine(path, device="cpu") as engine:
+    with Engine(path, device="cpu", refit_errors="raise") as engine:
         for name in (
             "model.layers.0.self_attn.k_proj.weight",
             "model.layers.1.mlp.up_proj.weight",

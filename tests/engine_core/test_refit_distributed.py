@@ -7,6 +7,7 @@ import pytest
 from refit_workers import GROUP, SenderProcess, Step, tensors_for
 
 from engine_core import Engine
+from engine_core.errors import RefitStateError
 from weight_sync import free_port
 from weight_sync.checksum import checksums_of
 
@@ -25,21 +26,21 @@ def run(engine: Engine) -> list:
 @pytest.mark.parametrize("tp_size", [1, 2])
 def test_distributed_refit_equals_fresh_engine(model_dir, tmp_path, tp_size):
     old, new = model_dir("llama"), model_dir("llama", seed=1)
-    with Engine(new, device="cpu", tp_size=tp_size) as fresh:
+    with Engine(new, device="cpu", refit_errors="raise", tp_size=tp_size) as fresh:
         expected = run(fresh)
     world = 1 + tp_size
     port = free_port()
     steps = [Step(new, "step-1"), Step(old, "step-2", mode="sglang")]
     sender = SenderProcess(tmp_path, port, world, steps)
     try:
-        with Engine(old, device="cpu", tp_size=tp_size) as engine:
+        with Engine(old, device="cpu", refit_errors="raise", tp_size=tp_size) as engine:
             before = run(engine)
             joined = engine.init_weights_update_group("127.0.0.1", port, 1, world, GROUP)
-            assert joined["ranks"] == list(range(1, world))
+            assert joined == (True, "Succeeded to initialize custom process group.")
 
             # Our protocol: the plan is one RPC; the version defaults to the plan's.
             result = engine.update_weights_from_distributed(sender.plan(0), group_name=GROUP)
-            assert result["success"] and result["weight_version"] == "step-1"
+            assert result[0] is True and engine.weight_version == "step-1"
             assert run(engine) == expected and expected != before
             out = engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)
             assert out["meta_info"]["weight_version"] == "step-1"
@@ -57,7 +58,7 @@ def test_distributed_refit_equals_fresh_engine(model_dir, tmp_path, tp_size):
             )
             assert engine.weight_version == "step-2"
             assert run(engine) == before
-            assert engine.destroy_weights_update_group(GROUP)["existed"]
+            assert engine.destroy_weights_update_group(GROUP)[0] is True
     finally:
         result = sender.close()
     assert result["ok"], result
@@ -68,16 +69,16 @@ def test_held_update_commits_only_when_asked(model_dir, tmp_path):
     port = free_port()
     sender = SenderProcess(tmp_path, port, 2, [Step(new, "v1"), Step(new, "v2")])
     try:
-        with Engine(old, device="cpu") as engine:
+        with Engine(old, device="cpu", refit_errors="raise") as engine:
             before = run(engine)
             engine.init_weights_update_group("127.0.0.1", port, 1, 2, GROUP)
             held = engine.update_weights_from_distributed(
                 sender.plan(0), group_name=GROUP, commit=False
             )
-            assert held["committed"] is False
+            assert held[0] is True
             # Staged, not committed: same weights, same version, still serving.
             assert engine.weight_version == "default" and run(engine) == before
-            with pytest.raises(RuntimeError, match="held"):
+            with pytest.raises(RefitStateError, match="held"):
                 engine.update_weights_from_distributed(sender.plan(1), group_name=GROUP)
             assert engine.discard_staged_weights()["discarded"]
             assert engine.weight_version == "default" and run(engine) == before
@@ -87,5 +88,5 @@ def test_held_update_commits_only_when_asked(model_dir, tmp_path):
     finally:
         result = sender.close()
     assert result["ok"], result
-    with Engine(new, device="cpu") as fresh:
+    with Engine(new, device="cpu", refit_errors="raise") as fresh:
         assert after == run(fresh)

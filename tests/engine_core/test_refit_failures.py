@@ -52,7 +52,7 @@ def test_bad_tensor_refit_changes_nothing(model_dir, mutate, message):
     old, new = model_dir("llama"), model_dir("llama", seed=1)
     named = tensors_for(Step(new, "bad", mutate=mutate))
     assert list(named)[-1].endswith("mlp.down_proj.weight")  # every good tensor staged first
-    with Engine(old, device="cpu") as engine:
+    with Engine(old, device="cpu", refit_errors="raise") as engine:
         before, snap = run(engine), snapshot(engine)
         with pytest.raises(ModelLoadError, match=message):
             engine.update_weights_from_tensor(list(named.items()), weight_version="bad")
@@ -62,7 +62,7 @@ def test_bad_tensor_refit_changes_nothing(model_dir, mutate, message):
 def test_bad_tensor_across_tp_ranks_changes_nothing(model_dir):
     old, new = model_dir("llama"), model_dir("llama", seed=1)
     named = tensors_for(Step(new, "bad", mutate=("reshape", LAST)))
-    with Engine(old, device="cpu", tp_size=2) as engine:
+    with Engine(old, device="cpu", refit_errors="raise", tp_size=2) as engine:
         before, sums = run(engine), engine.get_weights_checksum()
         with pytest.raises(RuntimeError, match="ModelLoadError.*down_proj"):
             engine.update_weights_from_tensor(named, weight_version="bad")
@@ -81,7 +81,7 @@ def test_bad_tensors_over_the_group_then_a_good_update(model_dir, tmp_path):
     port = free_port()
     sender = SenderProcess(tmp_path, port, 2, steps)
     try:
-        with Engine(old, device="cpu") as engine:
+        with Engine(old, device="cpu", refit_errors="raise") as engine:
             before, snap = run(engine), snapshot(engine)
             engine.init_weights_update_group("127.0.0.1", port, 1, 2, GROUP)
             for k, (_, message) in enumerate(BAD):
@@ -100,7 +100,7 @@ def test_sender_dies_mid_update(model_dir, tmp_path):
     old, new = model_dir("llama"), model_dir("llama", seed=1)
     port = free_port()
     sender = SenderProcess(tmp_path, port, 2, [Step(new, "v1", mode="die")])
-    with Engine(old, device="cpu") as engine:
+    with Engine(old, device="cpu", refit_errors="raise") as engine:
         before, snap = run(engine), snapshot(engine)
         engine.init_weights_update_group("127.0.0.1", port, 1, 2, GROUP, timeout_s=30)
         with pytest.raises(WeightSyncError, match="bucket 1/.*Connection closed"):
@@ -129,7 +129,7 @@ def test_silent_sender_times_out(model_dir, tmp_path):
     port = free_port()
     sender = SenderProcess(tmp_path, port, 2, [Step(new, "v1", mode="silent", sleep_s=4.0)])
     try:
-        with Engine(old, device="cpu") as engine:
+        with Engine(old, device="cpu", refit_errors="raise") as engine:
             before, snap = run(engine), snapshot(engine)
             engine.init_weights_update_group("127.0.0.1", port, 1, 2, GROUP, timeout_s=2.0)
             started = time.monotonic()
@@ -156,7 +156,7 @@ def test_engine_keeps_serving_while_a_refit_waits_for_its_sender(model_dir, tmp_
             errors.append(exc)
 
     try:
-        with Engine(old, device="cpu") as engine:
+        with Engine(old, device="cpu", refit_errors="raise") as engine:
             before, snap = run(engine), snapshot(engine)
             engine.init_weights_update_group("127.0.0.1", port, 1, 2, GROUP, timeout_s=5.0)
             waiting = threading.Thread(target=refit, args=(engine,))

@@ -120,7 +120,7 @@ def test_update_weights_from_disk_reaches_every_engine(service, tiny_model, tiny
     with Engine(tiny_model_v2, device="cpu") as engine:
         want = engine.generate(input_ids=PROMPTS[:4], sampling_params=GREEDY)
     results = service.update_weights_from_disk(tiny_model_v2, "v2")
-    assert [r["weight_version"] for r in results] == ["v2", "v2"]
+    assert [r[0] for r in results] == [True, True]
     try:
         assert ray.get(service.driver.weights_source.remote()) == WeightsSource(tiny_model_v2, "v2")
         outs = service.generate(input_ids=PROMPTS[:4], sampling_params=GREEDY)

@@ -1,0 +1,78 @@
+"""SGLang's refit results (``entrypoints/engine.py`` -> ``tokenizer_control_mixin`` ->
+``model_runner``): ``(success, message)`` tuples (disk: ``+ num_paused_requests``) with SGLang's
+messages; a failure is ``(False, message)`` with weights and version unchanged;
+``refit_errors="raise"`` raises the typed error instead."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine_core import Engine, InvalidConfigError, ModelLoadError
+
+GREEDY = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+IDS = [5, 9, 13, 2, 7]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    with Engine(tiny_model, device="cpu", max_total_tokens=256) as eng:
+        yield eng
+
+
+def state(engine: Engine) -> tuple:
+    """What a failed refit must leave as it was: weights, version, outputs."""
+    out = engine.generate(input_ids=IDS, sampling_params=GREEDY)["output_ids"]
+    return engine.get_weights_checksum(), engine.weight_version, out
+
+
+def test_disk_refit_success_tuple(tiny_model, tiny_model_v2):
+    with Engine(tiny_model, device="cpu", max_total_tokens=256) as e:
+        assert e.update_weights_from_disk(tiny_model_v2) == (
+            True,
+            "Succeeded to update model weights.",
+            0,
+        )
+
+
+def test_failures_are_false_tuples_with_weights_unchanged(engine, tmp_path):
+    before = state(engine)
+    calls = [
+        (engine.update_weights_from_disk, (str(tmp_path / "missing"),), "ModelLoadError"),
+        (engine.update_weights_from_tensor, ([("model.norm.weight", 1.0)],), "ModelLoadError"),
+        (engine.update_weights_from_tensor, (42,), "TypeError"),
+        (engine.init_weights_update_group, ("127.0.0.1", 1, 5, 2, "g"), "ValueError"),
+        (
+            engine.update_weights_from_distributed,
+            (["model.norm.weight"], ["float32"], [[4], [4]]),
+            "ValueError",
+        ),
+        (  # SGLang's positional order (load_format sixth); a flattened bucket has one dtype
+            engine.update_weights_from_distributed,
+            (["a", "b"], ["float32", "bfloat16"], [[4], [4]], "g", True, "flattened_bucket"),
+            "ModelLoadError",
+        ),
+        (  # a group never joined
+            engine.update_weights_from_distributed,
+            (["model.norm.weight"], ["float32"], [[64]], "never-joined"),
+            "ValueError: no weight-update group 'never-joined'",
+        ),
+    ]
+    for verb, args, error in calls:
+        result = verb(*args)
+        assert result[0] is False and result[1].startswith(error), (verb.__name__, result)
+        assert state(engine) == before, verb.__name__
+    assert engine.destroy_weights_update_group("never-made") == (
+        False,
+        "The group to be destroyed does not exist.",
+    )
+
+
+def test_refit_errors_raise(tiny_model, tmp_path):
+    with Engine(tiny_model, device="cpu", max_total_tokens=256, refit_errors="raise") as e:
+        with pytest.raises(ModelLoadError):
+            e.update_weights_from_disk(str(tmp_path / "missing"))
+        with pytest.raises(ValueError, match="rank_offset=5"):
+            e.init_weights_update_group("127.0.0.1", 1, 5, 2, "g")
+        assert e.weight_version == "default"
+    with pytest.raises(InvalidConfigError, match="refit_errors='ignore'"):
+        Engine(tiny_model, device="cpu", refit_errors="ignore")
