@@ -172,7 +172,7 @@ def test_no_effect_names_are_logged_once_naming_them(tiny_model, caplog):
     caplog.set_level(logging.INFO, logger="engine_core")
     kwargs = dict(device="cpu", max_total_tokens=256)
     with Engine(
-        tiny_model, disable_cuda_graph=True, port=30001, disable_radix_cache=False, **kwargs
+        tiny_model, disable_cuda_graph=True, port=30001, disable_overlap_schedule=False, **kwargs
     ):
         pass
     records = [r for r in caplog.records if r.name == "engine_core.sglang_args"]
@@ -180,7 +180,7 @@ def test_no_effect_names_are_logged_once_naming_them(tiny_model, caplog):
     infos = [r.getMessage() for r in records if r.levelno == logging.INFO]
     assert len(warnings) == 1 and len(infos) == 1
     assert "disable_cuda_graph=True" in warnings[0] and "port=30001" in warnings[0]
-    assert "disable_radix_cache" in infos[0] and "disable_radix_cache" not in warnings[0]
+    assert "disable_overlap_schedule" in infos[0] and "disable_overlap_schedule" not in warnings[0]
 
 
 def test_log_level_sets_the_engine_loggers(tiny_model):

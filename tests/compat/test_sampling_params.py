@@ -222,15 +222,19 @@ def test_no_stop_trim_keeps_the_stop_string_and_stop_token(engine, plain):
 
 
 @pytest.mark.parametrize("key,no_trim", [("stop", False), ("stop", True), ("stop_regex", False)])
-def test_stream_chunks_concatenate_to_the_trimmed_text(engine, plain, key, no_trim):
+def test_stream_chunks_grow_to_the_trimmed_text(engine, plain, key, no_trim):
+    """SGLang's cumulative chunks: each one a prefix of the final (trimmed) text, so a stop
+    string that gets trimmed is never shown on the way."""
     text = plain["text"]
     sub = next(text[i : i + 2] for i in range(2, len(text)) if text[i : i + 2].isalnum())
     params = dict(GREEDY, **{key: sub}, no_stop_trim=no_trim)
     whole = engine.generate(input_ids=PROMPT, sampling_params=params)
     chunks = list(engine.generate(input_ids=PROMPT, sampling_params=params, stream=True))
     assert whole["meta_info"]["finish_reason"]["matched"] == sub
-    assert "".join(c["text"] for c in chunks) == whole["text"]
-    assert sum((c["output_ids"] for c in chunks), []) == whole["output_ids"]
+    assert chunks[-1]["text"] == whole["text"]
+    assert chunks[-1]["output_ids"] == whole["output_ids"]
+    assert all(whole["text"].startswith(c["text"]) for c in chunks)
+    assert all(whole["output_ids"][: len(c["output_ids"])] == c["output_ids"] for c in chunks)
 
 
 class RecordingTokenizer:

@@ -237,7 +237,16 @@ def test_metrics_prometheus_text(client):
     assert samples["sglang:generation_tokens_total"] >= 6
     assert samples['rollout:generated_tokens_total{engine="0"}'] >= 6
     assert any(k.startswith("rollout:weight_version_info{") for k in samples)
-    assert "sglang:cache_hit_rate" not in response.text  # no prefix cache in this engine yet
+    # The same long prompt twice: the second reuses the first's cached pages.
+    long_prompt = {"input_ids": list(range(5, 45)), "sampling_params": GREEDY}
+    for _ in range(2):
+        client.post("/generate", json=long_prompt)
+    hit_rate = [
+        float(line.rsplit(" ", 1)[1])
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith("sglang:cache_hit_rate{")
+    ]
+    assert len(hit_rate) == 1 and 0 < hit_rate[0] < 1
 
 
 def test_a_client_leaving_mid_stream_aborts_its_request(server, client):
