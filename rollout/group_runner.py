@@ -78,6 +78,7 @@ class PromptGroup:
             n=n,
             est_tokens=prompt_tokens + n * new_tokens,
             session_key=session_key(session_id, item.rid),
+            cache_salt=item.cache_salt if isinstance(item.cache_salt, str) else None,
         )
         return cls(info, request, item)
 

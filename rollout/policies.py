@@ -24,7 +24,8 @@ class GroupInfo:
     of the KV tokens the group will hold (prompt once, plus ``n`` times ``max_new_tokens``).
     ``input_ids`` are the prompt's token ids (for a text prompt: only when the policy
     ``needs_token_ids``, tokenized as the engine does); ``session_key`` names its conversation
-    (``rollout.routing.sessions``), None if it has none."""
+    (``rollout.routing.sessions``), None if it has none; ``cache_salt`` the request's SGLang
+    cache salt (cached pages are shared, and hashed, per salt)."""
 
     index: int
     prompt: str | None
@@ -32,6 +33,7 @@ class GroupInfo:
     n: int
     est_tokens: int
     session_key: str | None = None
+    cache_salt: str | None = None  # SGLang's: its pages are named under this salt
 
 
 @dataclass(frozen=True)

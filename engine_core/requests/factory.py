@@ -39,6 +39,7 @@ class SeqSpec:
     top_logprobs_num: int
     token_ids_logprob: list[int] | None = None
     return_hidden_states: bool = False
+    cache_salt: str | None = None
 
 
 class RequestFactory:
@@ -123,6 +124,7 @@ class RequestFactory:
             item.top_logprobs_num,
             list(token_ids) if token_ids is not None else None,
             self._check_hidden_states(item.return_hidden_states, where),
+            _check_salt(item.cache_salt, f"cache_salt{where}"),
         )
 
     def _tokenize(self, item: Any, field: str) -> list[int]:
@@ -198,12 +200,19 @@ class RequestFactory:
             token_ids_logprob=spec.token_ids_logprob if spec.return_logprob else None,
             max_new_tokens=min(sp.max_new_tokens, self.context_length - len(spec.prompt_ids)),
             return_hidden_states=spec.return_hidden_states,
+            cache_salt=spec.cache_salt,
         )
         if req.return_logprob and req.input_logprob_start == 0:
             req.input_logprobs.append(None)  # the first token has no context to score it
             req.input_top_logprobs.append(None)
             req.input_token_ids_logprobs.append(None)
         return req
+
+
+def _check_salt(salt: Any, field: str) -> str | None:
+    if salt is not None and not isinstance(salt, str):
+        raise InvalidRequestError(field, salt, "must be a str or None")
+    return salt
 
 
 def _sampling_params(items: list[GenerateItem]) -> list[SamplingParams]:

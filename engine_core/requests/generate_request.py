@@ -50,13 +50,13 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "session_params": (_empty, "no sessions: send the whole prompt"),
 }
 # Accepted whatever their value, as SGLang's defaults treat them: priority without priority
-# scheduling, a cache salt or session id without a prefix cache, trace headers without tracing.
+# scheduling, trace headers without tracing; a session id routes in the service (the driver's
+# cache_aware policy) and has no effect on one engine.
 NO_EFFECT = (
     "routed_experts_start_len",
     "external_trace_header",
     "priority",
     "session_id",
-    "cache_salt",
     "kv_router_hint",
 )
 
@@ -181,6 +181,7 @@ class GenerateRequest:
             )
         ]
         hidden = per_item(self.return_hidden_states, batch, "return_hidden_states")
+        salts = per_item(self.cache_salt, batch, "cache_salt")
         token_ids = token_ids_per_item(self.token_ids_logprob, batch)
         items = [
             GenerateItem(
@@ -190,6 +191,7 @@ class GenerateRequest:
                 *(column[i] for column in columns),
                 token_ids[i],
                 hidden[i],
+                salts[i],
             )
             for i in range(len(inputs))
         ]
@@ -212,6 +214,7 @@ class GenerateRequest:
             rid=rids if rids is not None else [item.rid for item in items],
             token_ids_logprob=[item.token_ids_logprob for item in items],
             return_hidden_states=[item.return_hidden_states for item in items],
+            cache_salt=[item.cache_salt for item in items],
         )
 
 
@@ -230,6 +233,7 @@ class GenerateItem:
     rid: Any
     token_ids_logprob: Any = None
     return_hidden_states: Any = False
+    cache_salt: Any = None
 
     @property
     def where(self) -> str:

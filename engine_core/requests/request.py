@@ -39,6 +39,7 @@ class Request:
     num_computed: int = 0
     pages: list[int] = field(default_factory=list)
     cached_tokens: int = 0
+    cache_salt: str | None = None  # SGLang's: shares cached prefixes only within one salt
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     input_logprobs: list[float | None] = field(default_factory=list)

@@ -16,7 +16,16 @@ import hashlib
 from array import array
 from dataclasses import dataclass
 
-ROOT_HASH = 0  # the "parent" of a prefix's first page
+ROOT_HASH = 0  # the "parent" of a prefix's first page (requests without a cache salt)
+
+
+def root_hash(salt: str | None) -> int:
+    """The parent hash of a prefix's first page: ``ROOT_HASH``, or one per SGLang
+    ``cache_salt`` (requests share cached pages only with requests of the same salt)."""
+    if salt is None:
+        return ROOT_HASH
+    digest = hashlib.blake2b(salt.encode(), digest_size=8, person=b"cache_salt").digest()
+    return (int.from_bytes(digest, "little") >> 1) or 1
 
 
 def chain_hash(parent: int, page_tokens: list[int] | tuple[int, ...]) -> int:
@@ -27,10 +36,12 @@ def chain_hash(parent: int, page_tokens: list[int] | tuple[int, ...]) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
-def block_hashes(token_ids: list[int] | tuple[int, ...], page_size: int) -> list[int]:
+def block_hashes(
+    token_ids: list[int] | tuple[int, ...], page_size: int, salt: str | None = None
+) -> list[int]:
     """Chain hashes of every *full* page of ``token_ids``, in prefix order."""
     hashes: list[int] = []
-    parent = ROOT_HASH
+    parent = root_hash(salt)
     for start in range(0, len(token_ids) - page_size + 1, page_size):
         parent = chain_hash(parent, token_ids[start : start + page_size])
         hashes.append(parent)
@@ -40,7 +51,7 @@ def block_hashes(token_ids: list[int] | tuple[int, ...], page_size: int) -> list
 @dataclass(frozen=True)
 class BlocksStored:
     """Pages named ``block_hashes`` (a chain, in prefix order) entered the cache; the first
-    follows the prefix named ``parent_hash`` (``ROOT_HASH``: it starts the sequence)."""
+    follows the prefix named ``parent_hash`` (``root_hash(salt)``: it starts the sequence)."""
 
     block_hashes: tuple[int, ...]
     parent_hash: int

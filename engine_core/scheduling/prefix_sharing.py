@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from engine_core.requests.request import Request
-from engine_core.scheduling.cache_events import ROOT_HASH, chain_hash
+from engine_core.scheduling.cache_events import chain_hash, root_hash
 from engine_core.scheduling.radix_cache import Node, RadixCache
 
 
@@ -54,9 +54,9 @@ class PrefixSharing:
             return []
         ids = req.all_ids
         limit = req.cacheable_prefix()
-        path = cache.match(ids, limit)
+        path = cache.match(ids, limit, req.cache_salt)
         if self._pending and (len(path) + 1) * cache.page_size <= limit:
-            if cache.page_key(ids, len(path), path) in self._pending:
+            if cache.page_key(ids, len(path), path, req.cache_salt) in self._pending:
                 return None
         return path
 
@@ -75,7 +75,7 @@ class PrefixSharing:
         hold = CacheHold(list(path), path[-1] if path else None, len(path))
         self._holds[id(req)] = hold
         size = cache.page_size
-        parent = path[-1].hash if path else ROOT_HASH
+        parent = path[-1].hash if path else root_hash(req.cache_salt)
         ids = req.all_ids
         for index in range(len(path), req.cacheable_prefix() // size):
             parent = chain_hash(parent, ids[index * size : (index + 1) * size])
@@ -102,7 +102,7 @@ class PrefixSharing:
             return
         ids = req.all_ids[: req.num_computed]
         added, hold.tail, hold.next_page = self.cache.insert(
-            ids, req.pages, hold.tail, hold.next_page
+            ids, req.pages, hold.tail, hold.next_page, req.cache_salt
         )
         hold.nodes.extend(added)
         self._clear_pending(hold, below=hold.next_page)

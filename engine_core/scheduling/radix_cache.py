@@ -20,12 +20,12 @@ import threading
 from dataclasses import dataclass, field
 
 from engine_core.scheduling.cache_events import (
-    ROOT_HASH,
     AllBlocksCleared,
     BlocksRemoved,
     BlocksStored,
     CacheEvent,
     chain_hash,
+    root_hash,
 )
 from engine_core.scheduling.page_pool import PagePool
 
@@ -89,16 +89,25 @@ class RadixCache:
     def __init__(self, pool: PagePool, event_limit: int = 65536) -> None:
         self.pool = pool
         self.page_size = pool.page_size
-        self.root = Node((), -1, ROOT_HASH, None)
+        self.roots: dict[str | None, Node] = {}  # one tree per cache salt (None: unsalted)
         self.num_pages = 0  # nodes in the tree (each holds one pool reference)
         self.stats = CacheStats()
         self.events = EventBuffer(max(event_limit, 2 * pool.num_pages + 2))
 
+    def root(self, salt: str | None) -> Node:
+        node = self.roots.get(salt)
+        if node is None:
+            node = self.roots[salt] = Node((), -1, root_hash(salt), None)
+        return node
+
     # ------------------------------------------------------------------ lookup
-    def match(self, token_ids: list[int], max_tokens: int) -> list[Node]:
-        """The longest cached path of full pages within ``token_ids[:max_tokens]`` (not locked)."""
+    def match(self, token_ids: list[int], max_tokens: int, salt: str | None = None) -> list[Node]:
+        """The longest cached path of full pages within ``token_ids[:max_tokens]`` (not locked)
+        among requests of the same ``salt``."""
         path: list[Node] = []
-        node = self.root
+        node = self.roots.get(salt)
+        if node is None:
+            return path
         size = self.page_size
         for start in range(0, max_tokens - size + 1, size):
             child = node.children.get(tuple(token_ids[start : start + size]))
@@ -108,10 +117,12 @@ class RadixCache:
             node = child
         return path
 
-    def page_key(self, token_ids: list[int], page_index: int, path: list[Node]) -> int:
+    def page_key(
+        self, token_ids: list[int], page_index: int, path: list[Node], salt: str | None = None
+    ) -> int:
         """Chain hash of page ``page_index`` of ``token_ids`` right after the matched ``path``
         (``page_index == len(path)``): names a page some running request may be computing."""
-        parent = path[-1].hash if path else ROOT_HASH
+        parent = path[-1].hash if path else root_hash(salt)
         start = page_index * self.page_size
         return chain_hash(parent, token_ids[start : start + self.page_size])
 
@@ -134,15 +145,21 @@ class RadixCache:
 
     # ------------------------------------------------------------------ insert
     def insert(
-        self, token_ids: list[int], pages: list[int], tail: Node | None, start: int
+        self,
+        token_ids: list[int],
+        pages: list[int],
+        tail: Node | None,
+        start: int,
+        salt: str | None = None,
     ) -> tuple[list[Node], Node, int]:
         """Add the full pages of ``token_ids`` (KV in ``pages``) from page index ``start`` on,
-        below ``tail`` (the node of page ``start - 1``; None: the root). Returns the nodes now
-        in the caller's page table (locked for it), the new tail and the next page index.
+        below ``tail`` (the node of page ``start - 1``; None: the root of ``salt``). Returns
+        the nodes now in the caller's page table (locked for it), the new tail and the next
+        page index.
         Where another request cached the same tokens meanwhile, the caller adopts that page:
         ``pages[index]`` is replaced in place and its duplicate released (same tokens, same
         weights: the same KV), so duplicates do not outlive the step."""
-        node = tail or self.root
+        node = tail or self.root(salt)
         added: list[Node] = []
         run: list[int] = []  # hashes of consecutive new nodes, published as one chain
         run_parent = node.hash
@@ -191,7 +208,7 @@ class RadixCache:
             parent = node.parent
             self._drop(node)
             removed.append(node.hash)
-            if parent is not self.root and not parent.children and parent.locks == 0:
+            if parent.parent is not None and not parent.children and parent.locks == 0:
                 heapq.heappush(heap, (parent.last_used, id(parent), parent))
         if removed:
             self.stats.evicted_pages += len(removed)
@@ -212,7 +229,8 @@ class RadixCache:
         return [node.page for node in self._nodes()]
 
     def _nodes(self) -> list[Node]:
-        nodes, stack = [], list(self.root.children.values())
+        nodes: list[Node] = []
+        stack = [child for root in self.roots.values() for child in root.children.values()]
         while stack:
             node = stack.pop()
             nodes.append(node)
@@ -227,7 +245,7 @@ class RadixCache:
             node.children = {}
             node.parent = None
         pages = [node.page for node in nodes]
-        self.root.children = {}
+        self.roots = {}
         self.pool.release(pages)
         self.num_pages = 0
         self.stats.resets += 1
@@ -241,7 +259,11 @@ class RadixCache:
     def _snapshot(self) -> list[CacheEvent]:
         """One ``BlocksStored`` chain per root-to-leaf path, shared prefixes sent once."""
         events: list[CacheEvent] = []
-        stack = [(child, ROOT_HASH, ()) for child in self.root.children.values()]
+        stack = [
+            (child, root.hash, ())
+            for root in self.roots.values()
+            for child in root.children.values()
+        ]
         while stack:
             node, parent_hash, chain = stack.pop()
             chain = (*chain, node.hash)

@@ -131,4 +131,4 @@ class CacheAwarePolicy(RoutingPolicy):
     def _hashes(self, group: GroupInfo) -> list[int]:
         if group.input_ids is None or self.page_size is None:
             return []
-        return block_hashes(group.input_ids, self.page_size)
+        return block_hashes(group.input_ids, self.page_size, group.cache_salt)

@@ -262,3 +262,25 @@ def test_event_overflow_collapses_to_a_snapshot():
     replica = Replica()
     replica.apply(events)
     assert replica.hashes == cached_hashes(cache)
+
+
+def test_cache_salt_shares_pages_only_within_one_salt():
+    sched = make_sched()
+    prompt = list(range(12))
+    sched.add(make_req(0, prompt, cache_salt="tenant-a"))
+    drain(sched)
+    events = sched.prefix.cache.events.drain()
+    assert events[0].block_hashes == tuple(block_hashes(prompt, PAGE, "tenant-a"))
+    same, other, unsalted = (
+        make_req(1, prompt, cache_salt="tenant-a"),
+        make_req(2, prompt, cache_salt="tenant-b"),
+        make_req(3, prompt),
+    )
+    for r in (same, other, unsalted):
+        sched.add(r)
+    drain(sched)
+    assert (same.cached_tokens, other.cached_tokens, unsalted.cached_tokens) == (8, 0, 0)
+    assert block_hashes(prompt, PAGE, "tenant-a") != block_hashes(prompt, PAGE)
+    sched.reset_cache()
+    sched.check_integrity()
+    assert sched.pool.num_free == sched.pool.num_pages

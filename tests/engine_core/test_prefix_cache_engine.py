@@ -126,3 +126,22 @@ def test_tp2_hits_equal_misses_bitwise(tiny_model):
     logprobs = [[lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]] for o in on]
     assert logprobs == [[lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]] for o in off]
     assert sum(o["meta_info"]["cached_tokens"] for o in on) == 5 * 40
+
+
+def test_cache_salt_isolates_prefixes(tiny_model):
+    from engine_core.errors import InvalidRequestError
+
+    with Engine(tiny_model, **KW) as engine:
+
+        def hit(salt) -> int:
+            out = engine.generate(input_ids=QUESTIONS[0], sampling_params=GREEDY, cache_salt=salt)
+            return out["meta_info"]["cached_tokens"]
+
+        assert [hit("a"), hit("a"), hit("b"), hit(None), hit(None)] == [0, 40, 0, 0, 40]
+        batch = engine.generate(
+            input_ids=QUESTIONS[:2], sampling_params=GREEDY, cache_salt=["b", "c"]
+        )
+        assert [o["meta_info"]["cached_tokens"] for o in batch] == [40, 0]
+        with pytest.raises(InvalidRequestError, match="cache_salt"):
+            engine.generate(input_ids=QUESTIONS[0], sampling_params=GREEDY, cache_salt=5)
+        assert hit("a") == 40  # the engine keeps serving
