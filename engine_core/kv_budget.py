@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 DEFAULT_KV_FRACTION = 0.25
-DEFAULT_KV_CAP_BYTES = 4 << 30
+DEFAULT_KV_CAP_BYTES = 2 << 30
 DEFAULT_KV_FLOOR_BYTES = 64 << 20
 
 
