@@ -43,6 +43,13 @@ def workloads(new_tokens: int) -> list[dict]:
     ]
 
 
+def expanded(work: dict) -> dict:
+    """The same rollout as ``n`` copies of each prompt with n=1: vLLM and HF refuse greedy
+    sampling with n > 1 (vLLM's prefix cache still prefills each prompt once)."""
+    prompts_n = [ids for ids in work["prompts"] for _ in range(work["n"])]
+    return work | {"prompts": prompts_n, "n": 1}
+
+
 def run_ours(path: str, works: list[dict], deterministic: bool) -> dict:
     started = time.perf_counter()
     with Engine(path, skip_tokenizer_init=True, deterministic=deterministic) as engine:
@@ -68,7 +75,7 @@ def run_hf(path: str, works: list[dict]) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     out = {}
-    for work in works:
+    for work in map(expanded, works):
         ids = torch.tensor(work["prompts"])
         new = work["max_tokens"]
         begin = time.perf_counter()
@@ -78,7 +85,6 @@ def run_hf(path: str, works: list[dict]) -> dict:
             do_sample=False,
             max_new_tokens=new,
             min_new_tokens=new,
-            num_return_sequences=work["n"],
         )
         elapsed = time.perf_counter() - begin
         out[work["name"]] = (gen.shape[0] * (gen.shape[1] - ids.shape[1])) / elapsed
@@ -104,7 +110,12 @@ def main() -> None:
         note = "vLLM-CPU skipped: no venv (run ../shared/peers/setup_vllm_cpu.sh).\n\n"
         print(note, flush=True)
     else:
-        job = {"model": path, "workloads": works, "prefix_caching": True, "kv_gib": 2}
+        job = {
+            "model": path,
+            "workloads": [expanded(w) for w in works],
+            "prefix_caching": True,
+            "kv_gib": 2,
+        }
         columns["vLLM-CPU"] = run_vllm(python, job, threads=os.cpu_count() or 1)
     if not args.no_hf:
         columns["HF generate"] = run_hf(path, works)
