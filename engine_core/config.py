@@ -28,7 +28,8 @@ class EngineConfig:
 
     KV capacity comes from ``max_total_tokens`` when set, else from ``mem_fraction_static``
     (SGLang's: that fraction of the device memory -- on CPU the available RAM -- minus the
-    weights, resolved when the engine starts), else from ``kv_cache_memory_bytes``.
+    weights, resolved when the engine starts), else from ``kv_cache_memory_bytes``, else (None,
+    the default) from the memory available at start-up, capped (``engine_core.kv_budget``).
     ``Engine(**kwargs)`` also takes SGLang's ``ServerArgs`` names (``engine_core.sglang_args``).
     ``dtype="auto"`` means the checkpoint dtype on CUDA and float32 on CPU (bf16 matmul on an
     AVX2-only CPU is ~100x slower than fp32).
@@ -39,7 +40,7 @@ class EngineConfig:
     device: str = dataclasses.field(default_factory=default_device)
     page_size: int = 16
     max_total_tokens: int | None = None
-    kv_cache_memory_bytes: int = 512 << 20
+    kv_cache_memory_bytes: int | None = None
     mem_fraction_static: float | None = None
     max_running_requests: int = 64
     max_num_batched_tokens: int = 2048
@@ -98,7 +99,8 @@ class EngineConfig:
                 raise InvalidConfigError(
                     "max_total_tokens", self.max_total_tokens, f"below page_size={self.page_size}"
                 )
-        self._check_positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
+        if self.kv_cache_memory_bytes is not None:
+            self._check_positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
         fraction = self.mem_fraction_static
         if fraction is not None and (
             isinstance(fraction, bool)

@@ -22,6 +22,7 @@ from engine_core.control.engine_memory import MemoryController, normalize_tags
 from engine_core.errors import EngineStoppedError, InvalidRequestError, ModelLoadError
 from engine_core.execution.rank_client import start_ranks
 from engine_core.info import model_info, server_info
+from engine_core.kv_budget import default_kv_budget_bytes
 from engine_core.model_config import load_model_config
 from engine_core.parallel import check_tp_divisibility
 from engine_core.requests.factory import RequestFactory
@@ -74,11 +75,10 @@ class Engine:
             _set_log_level(translated.given["log_level"])
         log_no_effect(translated.no_effect)
         self.model_config = mc = load_model_config(model_path)
-        if config.mem_fraction_static is not None and config.max_total_tokens is None:
-            config = dataclasses.replace(config, kv_cache_memory_bytes=kv_budget_bytes(config, mc))
         self.config = config
-        self.served = {"model_path": model_path, "load_format": translated.given.get("load_format")}
         self.context_length = self._context_length()
+        self.config = config = self._resolve_kv_budget(config, mc)
+        self.served = {"model_path": model_path, "load_format": translated.given.get("load_format")}
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(model_path)
         check_tp_divisibility(mc.num_heads, mc.num_kv_heads, mc.intermediate_size, config.tp_size)
         self.ranks = start_ranks(config, mc, self.context_length)
@@ -135,6 +135,20 @@ class Engine:
             on_commit=self.scheduler.reset_cache,
         )
         self.results = RefitResults(config.refit_errors)
+
+    def _resolve_kv_budget(self, config: EngineConfig, mc) -> EngineConfig:
+        """The KV bytes per rank, unless ``max_total_tokens`` sizes the cache in tokens:
+        ``mem_fraction_static`` (SGLang's sizing), the given ``kv_cache_memory_bytes``, or the
+        capped share of available memory (``engine_core.kv_budget``)."""
+        if config.max_total_tokens is not None:
+            return config
+        if config.mem_fraction_static is not None:
+            budget = kv_budget_bytes(config, mc)
+        elif config.kv_cache_memory_bytes is None:
+            budget = default_kv_budget_bytes(config, mc, self.context_length)
+        else:
+            return config
+        return dataclasses.replace(config, kv_cache_memory_bytes=budget)
 
     def _context_length(self) -> int:
         mc = self.model_config

@@ -4,6 +4,7 @@ SGLang's keys (``engine_core.sglang_args``), read from the engine's parts."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from typing import Any
 
 from engine_core.sglang_args import server_args_view
@@ -30,6 +31,7 @@ def server_info(engine: Any) -> dict[str, Any]:
         **prefix_cache_info(engine.scheduler),
         "deterministic_matmul": engine.rank_info.deterministic_matmul,
         "memory": engine.memory.info(),
+        **peak_rss_info(engine.ranks.rank_pids()),
         **engine.loop.pause.info(),
         "generated_tokens": stats.generated_tokens,
         "steps": stats.steps,
@@ -51,6 +53,31 @@ def server_info(engine: Any) -> dict[str, Any]:
         "version": package_version(),
     }
     return sglang | ours  # our keys win (same meaning where both have one)
+
+
+def peak_rss_info(rank_pids: list[int]) -> dict[str, Any]:
+    """``peak_rss_bytes``: the high-water resident memory of this engine (its own process plus
+    its rank processes; with tp_size 1 the rank is this process), and ``rank_peak_rss_bytes``
+    per rank, from ``VmHWM`` in ``/proc/<pid>/status`` (None where it cannot be read)."""
+    own = os.getpid()
+    ranks = [_vm_hwm_bytes(pid) for pid in rank_pids]
+    total = sum(r for pid, r in zip(rank_pids, ranks) if r is not None and pid != own)
+    mine = _vm_hwm_bytes(own)
+    return {
+        "peak_rss_bytes": None if mine is None else mine + total,
+        "rank_peak_rss_bytes": ranks,
+    }
+
+
+def _vm_hwm_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def prefix_cache_info(scheduler: Any) -> dict[str, Any]:

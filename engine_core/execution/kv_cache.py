@@ -36,7 +36,10 @@ class KVCache:
         else:
             local_kv = self.layers[0].num_kv_heads
             per_page = kv_bytes_per_page(model_cfg, local_kv, self.page_size, dtype)
-            self.num_pages = max(1, config.kv_cache_memory_bytes // per_page)
+            budget = config.kv_cache_memory_bytes
+            if budget is None:  # the Engine resolves the default (engine_core.kv_budget)
+                raise ValueError("kv_cache_memory_bytes must be resolved before the KV cache")
+            self.num_pages = max(1, budget // per_page)
         self.allocate()
 
     def allocate(self) -> None:

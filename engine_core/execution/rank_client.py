@@ -44,6 +44,12 @@ class RankClient:
     def shutdown(self) -> None:
         self._transport.shutdown()
 
+    def rank_pids(self) -> list[int]:
+        """The process of each rank (this one with tp_size 1): peak RSS is read from them."""
+        if isinstance(self._transport, LocalRanks):
+            return [os.getpid()]
+        return [proc.pid for proc in self._transport.procs]
+
     # ---- steps
     def info(self) -> RankInfo:
         return self._on_all(Rank.info)

@@ -23,7 +23,7 @@ from engine_core.layers.linear import (
     RowParallelLinear,
 )
 from engine_core.layers.norm import RMSNorm
-from engine_core.layers.rotary import RotaryEmbedding
+from engine_core.layers.rotary import RopeTables, RotaryEmbedding, apply_rope
 from engine_core.model_config import ModelConfig
 from engine_core.parallel import TPContext
 
@@ -47,7 +47,7 @@ class ModelOps:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPContext, rotary: RotaryEmbedding, be: ModelOps):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, be: ModelOps):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
             cfg.hidden_size,
@@ -65,12 +65,11 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.rotary = [rotary]  # shared tables; a list keeps them out of this module's state
         self.attn = PagedAttention(
             self.heads, self.kv_heads, cfg.head_dim, cfg.head_dim**-0.5, be.attention
         )
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta):
+    def forward(self, rope: RopeTables, x: torch.Tensor, meta):
         tokens = x.shape[0]
         q_len, kv_len = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_len, kv_len, kv_len], dim=-1)
@@ -79,7 +78,7 @@ class Attention(nn.Module):
         v = v.reshape(tokens, self.kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary[0](positions, q, k)
+        q, k = apply_rope(rope, q, k)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -98,15 +97,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPContext, rotary: RotaryEmbedding, be: ModelOps):
+    def __init__(self, cfg: ModelConfig, tp: TPContext, be: ModelOps):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, tp, rotary, be)
+        self.self_attn = Attention(cfg, tp, be)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp, be)
 
-    def forward(self, positions, x, meta):
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+    def forward(self, rope: RopeTables, x, meta):
+        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -114,17 +113,17 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPContext, max_positions: int, be: ModelOps):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.rotary_emb = rotary
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, tp, rotary, be) for _ in range(cfg.num_layers)
+        self.rotary_emb = RotaryEmbedding(
+            cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling
         )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, be) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, ids, positions, meta):
         x = self.embed_tokens(ids)
+        rope = self.rotary_emb.tables(positions, x.dtype)  # once per step, not per layer
         for layer in self.layers:
-            x = layer(positions, x, meta)
+            x = layer(rope, x, meta)
         return self.norm(x)
 
 

@@ -1,0 +1,152 @@
+"""Our engine vs vLLM-CPU vs HF ``generate`` on issue 15's workloads, side by side in one run.
+
+Workloads (SmolLM2-135M fp32, greedy, exactly ``--new-tokens`` new tokens, distinct random
+prompts): batch 1 and batch 32 of 96-token prompts, and GRPO: 8 prompts x n=8 of 256 tokens.
+Each system is timed after a warm-up; vLLM runs as a subprocess in its own venv
+(``../shared/peers/setup_vllm_cpu.sh``; skipped with a message when absent). Also reports our
+load-to-first-token time, peak RSS and, with ``--deterministic``, deterministic mode.
+
+    python benchmarks/bench_vs_vllm.py [--new-tokens 128] [--deterministic] [--vllm-venv DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._peers import run_vllm, vllm_python  # noqa: E402
+from benchmarks._report import write_section  # noqa: E402
+from engine_core import Engine  # noqa: E402
+from engine_core.default_model import ensure_default_model  # noqa: E402
+
+
+def prompts(num: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 40000) for _ in range(length)] for _ in range(num)]
+
+
+def workloads(new_tokens: int) -> list[dict]:
+    def work(name, batch, n):
+        return {"name": name, "prompts": batch, "n": n, "max_tokens": new_tokens, "temperature": 0}
+
+    return [
+        work("batch 1", prompts(1, 96, 1), 1),
+        work("batch 32", prompts(32, 96, 32), 1),
+        work("GRPO 8x n8", prompts(8, 256, 8), 8),
+    ]
+
+
+def expanded(work: dict) -> dict:
+    """The same rollout as ``n`` copies of each prompt with n=1: vLLM and HF refuse greedy
+    sampling with n > 1 (vLLM's prefix cache still prefills each prompt once)."""
+    prompts_n = [ids for ids in work["prompts"] for _ in range(work["n"])]
+    return work | {"prompts": prompts_n, "n": 1}
+
+
+def run_ours(path: str, works: list[dict], deterministic: bool) -> dict:
+    started = time.perf_counter()
+    with Engine(path, skip_tokenizer_init=True, deterministic=deterministic) as engine:
+        engine.generate(input_ids=[[11, 12, 13]], sampling_params={"max_new_tokens": 1})
+        out: dict = {"load_s": time.perf_counter() - started}
+        for work in works:
+            params = {"temperature": 0, "max_new_tokens": work["max_tokens"]}
+            params |= {"ignore_eos": True, "n": work["n"]}
+            engine.flush_cache()
+            begin = time.perf_counter()
+            outs = engine.generate(input_ids=work["prompts"], sampling_params=params)
+            elapsed = time.perf_counter() - begin
+            out[work["name"]] = sum(len(o["output_ids"]) for o in outs) / elapsed
+        info = engine.get_server_info()
+        out["peak_rss_gib"] = info["peak_rss_bytes"] / 2**30
+        out["retractions"] = info["num_retractions"]
+    return out
+
+
+@torch.inference_mode()
+def run_hf(path: str, works: list[dict]) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = {}
+    for work in map(expanded, works):
+        ids = torch.tensor(work["prompts"])
+        new = work["max_tokens"]
+        begin = time.perf_counter()
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+        )
+        elapsed = time.perf_counter() - begin
+        out[work["name"]] = (gen.shape[0] * (gen.shape[1] - ids.shape[1])) / elapsed
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--vllm-venv", default=None)
+    args = parser.parse_args()
+    path = ensure_default_model()
+    works = workloads(args.new_tokens)
+    columns: dict[str, dict] = {"rl-rollout Engine": run_ours(path, works, False)}
+    print(columns, flush=True)
+    if args.deterministic:
+        columns["Engine deterministic"] = run_ours(path, works, True)
+    python = vllm_python(args.vllm_venv)
+    note = ""
+    if python is None:
+        note = "vLLM-CPU skipped: no venv (run ../shared/peers/setup_vllm_cpu.sh).\n\n"
+        print(note, flush=True)
+    else:
+        job = {
+            "model": path,
+            "workloads": [expanded(w) for w in works],
+            "prefix_caching": True,
+            "kv_gib": 2,
+        }
+        columns["vLLM-CPU"] = run_vllm(python, job, threads=os.cpu_count() or 1)
+    if not args.no_hf:
+        columns["HF generate"] = run_hf(path, works)
+    print(columns, flush=True)
+    write_section("Engine vs vLLM-CPU vs HF (issue 15)", report(columns, works, args, note))
+
+
+def report(columns: dict[str, dict], works: list[dict], args, note: str) -> str:
+    names = list(columns)
+    head = "| workload | " + " | ".join(f"{n} (tok/s)" for n in names)
+    rows = [head + (" | ours / vLLM |" if "vLLM-CPU" in columns else " |")]
+    rows.append("|---" * (len(names) + 1 + ("vLLM-CPU" in columns)) + "|")
+    ours = columns["rl-rollout Engine"]
+    for work in works:
+        cells = [f"{columns[n].get(work['name'], float('nan')):.1f}" for n in names]
+        line = f"| {work['name']} | " + " | ".join(cells) + " |"
+        if "vLLM-CPU" in columns:
+            line += f" {ours[work['name']] / columns['vLLM-CPU'][work['name']]:.2f}x |"
+        rows.append(line)
+    load = " / ".join(f"{n} {c['load_s']:.1f} s" for n, c in columns.items() if "load_s" in c)
+    return (
+        f"{note}SmolLM2-135M fp32, greedy, exactly {args.new_tokens} new tokens, distinct "
+        "prompts (96 tokens; GRPO = 8 prompts x n=8 of 256), every system measured in this "
+        "run. **The machine was shared with other jobs (load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end)**: absolute numbers "
+        "are noisy, only same-run ratios mean anything.\n\n"
+        + "\n".join(rows)
+        + f"\n\nLoad to first token: {load}. Our peak RSS: {ours['peak_rss_gib']:.2f} GiB; "
+        f"retractions: {ours['retractions']}."
+    )
+
+
+if __name__ == "__main__":
+    main()
