@@ -48,6 +48,15 @@ class KVCache:
             layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
+    @torch.no_grad()
+    def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
+        """K/V of page ``src`` into page ``dst``, every layer (an exact copy)."""
+        src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.device)
+        dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
+        for layer in self.layers:
+            layer.k_cache.index_copy_(0, dst, layer.k_cache.index_select(0, src))
+            layer.v_cache.index_copy_(0, dst, layer.v_cache.index_select(0, src))
+
     def release(self) -> int:
         """Drop every layer's K/V tensors; returns the bytes they held."""
         freed = self.nbytes()

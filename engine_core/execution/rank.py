@@ -78,6 +78,8 @@ class Rank:
     # ---------------------------------------------------------------- steps
     def execute(self, plan: StepPlan) -> StepResult | None:
         """One forward step; rank 0 samples (other ranks join the collectives only)."""
+        if plan.page_copies:  # before any KV write of this step (the source may be reused)
+            self.kv.copy_pages(plan.page_copies)
         return self.runner.execute(plan)
 
     # ---------------------------------------------------------------- weights (two-phase)

@@ -60,17 +60,28 @@ class PrefixSharing:
                 return None
         return path
 
-    def attach(self, req: Request, path: list[Node]) -> int:
+    def attach(self, req: Request, path: list[Node]) -> tuple[int, tuple[int, int] | None]:
         """``req`` was admitted reusing ``path``: lock it, share its pages into the request's page
-        table and mark the pages it will compute as pending. Returns the tokens reused."""
+        table and mark the pages it will compute as pending. A cached page that shares only its
+        first tokens with what follows is reused by copy (a fresh page of the request's own,
+        filled from it before the step: copy-on-write), so e.g. the ``n`` samples of a
+        page-aligned prompt compute one token each, not a page. Returns the tokens reused and
+        the ``(source, destination)`` page copy, if any."""
         cache = self.cache
         if cache is None:
-            return 0
+            return 0, None
         cache.lock(path)
         pages = [node.page for node in path]
         cache.pool.share(pages)
         req.pages = pages
         hit = len(path) * cache.page_size
+        copy = None
+        partial = cache.partial(req.all_ids, path, req.cacheable_prefix(), req.cache_salt)
+        if partial is not None and (cache.pool.num_free or cache.evict(1)):
+            (dst,) = cache.pool.allocate(1)
+            pages.append(dst)
+            copy = (partial[0].page, dst)
+            hit += partial[1]
         cache.record_lookup(req.num_tokens, hit)
         hold = CacheHold(list(path), path[-1] if path else None, len(path))
         self._holds[id(req)] = hold
@@ -81,7 +92,7 @@ class PrefixSharing:
             parent = chain_hash(parent, ids[index * size : (index + 1) * size])
             hold.pending.append((index, parent))
             self._pending[parent] += 1
-        return hit
+        return hit, copy
 
     def detach_unsaved(self, req: Request) -> None:
         """Undo ``attach`` for a request that could not get the rest of its pages."""

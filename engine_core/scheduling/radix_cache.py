@@ -117,6 +117,27 @@ class RadixCache:
             node = child
         return path
 
+    def partial(
+        self, token_ids: list[int], path: list[Node], max_tokens: int, salt: str | None = None
+    ) -> tuple[Node, int] | None:
+        """The child of ``path``'s end sharing the longest run (at least one token, less than a
+        page) with ``token_ids`` after ``path``, within ``max_tokens``: ``(node, tokens)``."""
+        parent = path[-1] if path else self.roots.get(salt)
+        start = len(path) * self.page_size
+        want = token_ids[start:max_tokens]
+        if parent is None or not want:
+            return None
+        best: tuple[Node, int] | None = None
+        for child in parent.children.values():
+            same = 0
+            for a, b in zip(child.tokens, want):
+                if a != b:
+                    break
+                same += 1
+            if same and (best is None or same > best[1]):
+                best = (child, same)
+        return best
+
     def page_key(
         self, token_ids: list[int], page_index: int, path: list[Node], salt: str | None = None
     ) -> int:

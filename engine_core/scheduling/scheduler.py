@@ -27,6 +27,9 @@ class Chunk:
     req: Request
     start: int
     length: int
+    # (source, destination) page: copy a cached page's KV before this step (a prefix cached
+    # up to the middle of a page is reused by copying that page, then computing from there).
+    copy_page: tuple[int, int] | None = None
 
     @property
     def samples(self) -> bool:
@@ -100,8 +103,9 @@ class Scheduler:
                 if len(deferred) >= self.max_running:
                     break
                 continue
-            req.cached_tokens += self.prefix.attach(req, path)
-            req.num_computed = len(req.pages) * self.pool.page_size
+            hit, copy = self.prefix.attach(req, path)
+            req.cached_tokens += hit
+            req.num_computed = hit
             length = min(req.num_uncomputed, budget)
             if not self._try_reserve(req, length):
                 self.prefix.detach_unsaved(req)
@@ -111,7 +115,7 @@ class Scheduler:
             req.status = Status.RUNNING
             # Running stays in arrival order: oldest served first, newest retracted first.
             bisect.insort(self.running, req, key=lambda r: r.arrival)
-            chunks.append(Chunk(req, req.num_computed, length))
+            chunks.append(Chunk(req, req.num_computed, length, copy))
             budget -= length
         self.waiting.extendleft(reversed(deferred))
         return budget

@@ -60,6 +60,8 @@ class StepPlan:
     samples: list[SampleSpec] = field(default_factory=list)
     want_logprobs: bool = False
     hidden_rows: list[int] = field(default_factory=list)  # rows whose hidden states return
+    # (source, destination) KV pages every rank copies before the forward (prefix cache).
+    page_copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -82,6 +84,8 @@ def build_plan(chunks: list[Chunk], eos_ids: Iterable[int] = ()) -> StepPlan:
     for chunk in chunks:
         req = chunk.req
         ids = req.all_ids
+        if chunk.copy_page is not None:
+            plan.page_copies.append(chunk.copy_page)
         plan.seqs.append(
             SeqPlan(ids[chunk.start : chunk.start + chunk.length], chunk.start, req.pages)
         )

@@ -133,7 +133,8 @@ def uncached(path):
     [
         ([], 0),  # miss
         ([SHARED + [90, 91, 92, 93]], 20),  # another question on the same system prompt
-        ([SHARED[:9] + [99] * 11], 8),  # partial hit: the pages before the first difference
+        # partial hit: 2 shared pages, and the third page's first token by copy-on-write
+        ([SHARED[:9] + [99] * 11], 9),
         ([QUESTION], 20),  # the same prompt again: capped by the logprob rows still needed
     ],
 )
@@ -161,6 +162,25 @@ def test_prefix_cache_samples_of_one_prompt_equal_uncached(path):
     assert [hit for _, hit in off] == [0] * 4
     assert [hit for _, hit in on] == [0, 20, 20, 20]  # the first computes, three reuse it
     assert prefill == len(QUESTION) + 3 * (len(QUESTION) - 20)
+
+
+def test_prefix_cache_page_aligned_samples_compute_one_token_each(path):
+    """A page-aligned prompt's samples reuse all of it but the last token (its page by copy),
+    bit for bit equal to the uncached engine."""
+    prompt = QUESTION[:24]  # 6 pages of 4
+    params = dict(SEEDED, n=4)
+    runs, computed = [], []
+    for enabled in (False, True):
+        with Engine(
+            path, device="cpu", deterministic=True, page_size=4, enable_prefix_cache=enabled
+        ) as eng:
+            outs = eng.generate(input_ids=[prompt], sampling_params=params, return_logprob=True)
+            runs.append([signature(o)[:2] for o in outs])
+            hits = [o["meta_info"]["cached_tokens"] for o in outs]
+            computed.append(eng.get_server_info()["prefill_tokens"])
+    assert runs[0] == runs[1]
+    assert hits == [0, 23, 23, 23]
+    assert computed == [4 * 24, 24 + 3]
 
 
 def plain_blas_batch_dependent(model_cfg) -> bool:

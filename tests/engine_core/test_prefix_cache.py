@@ -76,17 +76,20 @@ def cached_hashes(cache: RadixCache) -> set[int]:
     return {node.hash for node in cache._nodes()}
 
 
-def test_second_request_hits_full_pages_and_reports_cached_tokens():
+def test_second_request_hits_its_cached_prefix_and_reports_cached_tokens():
     sched = make_sched()
     sched.add(make_req(0, list(range(10))))
     drain(sched)
     again = make_req(1, list(range(10)) + [50, 51])
     sched.add(again)
     first = step(sched)
-    # 10 prompt tokens cached as 2 full pages (the third page was partial: not cached).
-    assert again.cached_tokens == 8 and first[0].start == 8 and first[0].length == 4
+    # 2 full pages shared, and the first 2 tokens of the third page (tokens 8, 9 and r0's first
+    # two outputs) reused by copying that page into one of r1's own.
+    assert again.cached_tokens == 10 and first[0].start == 10 and first[0].length == 2
+    assert first[0].copy_page is not None and first[0].copy_page[1] == again.pages[2]
+    assert again.pages[:2] == [n.page for n in sched.prefix._holds[id(again)].nodes[:2]]
     drain(sched)
-    assert sched.prefix.cache.stats.hit_tokens == 8
+    assert sched.prefix.cache.stats.hit_tokens == 10
 
 
 def test_miss_on_different_first_page_and_partial_hit():
@@ -98,7 +101,7 @@ def test_miss_on_different_first_page_and_partial_hit():
     sched.add(miss)
     sched.add(partial)
     step(sched)
-    assert miss.cached_tokens == 0 and partial.cached_tokens == 4
+    assert miss.cached_tokens == 0 and partial.cached_tokens == 6  # a page and 2 tokens
 
 
 def test_the_last_token_and_needed_logprob_rows_are_never_cached():
@@ -110,8 +113,8 @@ def test_the_last_token_and_needed_logprob_rows_are_never_cached():
     sched.add(same)
     sched.add(scored)
     step(sched)
-    assert same.cached_tokens == 12  # 15 cacheable tokens -> 3 full pages; token 15 samples
-    assert scored.cached_tokens == 4  # row 5 scores prompt token 6: pages up to it only
+    assert same.cached_tokens == 15  # all but token 15, whose row samples
+    assert scored.cached_tokens == 5  # row 5 scores prompt token 6: it is computed
 
 
 def test_siblings_defer_until_the_first_computed_the_prefix():
@@ -124,7 +127,7 @@ def test_siblings_defer_until_the_first_computed_the_prefix():
     assert [c.req.rid for c in first] == ["r0"]  # the others wait for r0's pages
     second = step(sched)
     assert {c.req.rid for c in second} == {"r0", "r1", "r2", "r3"}
-    assert [r.cached_tokens for r in reqs] == [0, 16, 16, 16]
+    assert [r.cached_tokens for r in reqs] == [0, 19, 19, 19]  # each computes its last token
     assert sched.stats.num_deferred >= 3
     drain(sched)
 
@@ -279,7 +282,7 @@ def test_cache_salt_shares_pages_only_within_one_salt():
     for r in (same, other, unsalted):
         sched.add(r)
     drain(sched)
-    assert (same.cached_tokens, other.cached_tokens, unsalted.cached_tokens) == (8, 0, 0)
+    assert (same.cached_tokens, other.cached_tokens, unsalted.cached_tokens) == (11, 0, 0)
     assert block_hashes(prompt, PAGE, "tenant-a") != block_hashes(prompt, PAGE)
     sched.reset_cache()
     sched.check_integrity()
