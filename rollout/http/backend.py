@@ -66,7 +66,11 @@ class Backend(ABC):
 
     @abstractmethod
     async def update_weights_from_tensor(
-        self, named_tensors: Any, load_format: str | None, weight_version: str | None
+        self,
+        named_tensors: Any,
+        load_format: str | None,
+        weight_version: str | None,
+        flush_cache: bool = True,
     ) -> Any: ...
 
     @abstractmethod

@@ -9,7 +9,8 @@ weight-update group spans every engine rank: engine ``i``'s ranks start at ``ran
 i * tp_size``, so a trainer sizes ``world_size = 1 + num_engines * tp_size``. A tensor refit
 (``/update_weights_from_tensor``) has no staged phase: it goes to every engine and the first
 failure is answered (engines that succeeded keep the new weights; the versions endpoint shows
-which).
+which). SGLang's serialized payloads go to one engine only (their shared tensors can be fetched
+once), so with more than one engine they are a 400: such servers take base64 safetensors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from engine_core.requests.generate_request import GenerateRequest
+from engine_core.weights.sglang_payloads import is_serialized
 from rollout.http.backend import Backend
+from rollout.http.errors import bad_request
 from rollout.http.streams import as_deltas
 from rollout.service import RolloutService
 
@@ -92,10 +95,21 @@ class ServiceBackend(Backend):
         results = await self.driver.update_weights_from_disk.remote(model_path, weight_version)
         return {"success": True, "message": f"{len(results)} engines updated"}
 
-    async def update_weights_from_tensor(self, named_tensors, load_format, weight_version) -> Any:
+    async def update_weights_from_tensor(
+        self, named_tensors, load_format, weight_version, flush_cache=True
+    ) -> Any:
+        if self.num_engines > 1 and is_serialized(named_tensors):
+            # A shared-memory descriptor in such a payload can be fetched once: the second
+            # engine would fail after the first had switched (weights out of step).
+            raise bad_request(
+                "serialized_named_tensors",
+                "<payloads>",
+                f"SGLang's serialized payloads reach one engine only; this server has "
+                f"{self.num_engines}: send base64 safetensors or refit over a weights group",
+            )
         refs = [
             e.update_weights_from_tensor.remote(
-                named_tensors, load_format, weight_version=weight_version
+                named_tensors, load_format, flush_cache=flush_cache, weight_version=weight_version
             )
             for e in self.engines
         ]
