@@ -108,6 +108,10 @@ class Backend(ABC):
     async def server_infos(self) -> list[dict[str, Any]]:
         """``get_server_info()`` of every engine, in engine order."""
 
+    async def routing_stats(self) -> dict[str, Any] | None:
+        """The router's counters when requests are routed over engines (else None)."""
+        return None
+
     @abstractmethod
     async def model_info(self) -> dict[str, Any]: ...
 

@@ -169,6 +169,9 @@ class ServiceBackend(Backend):
     async def server_infos(self) -> list[dict[str, Any]]:
         return await _all([e.get_server_info.remote() for e in self.engines])
 
+    async def routing_stats(self) -> dict[str, Any] | None:
+        return await self.driver.routing_stats.remote()
+
     async def model_info(self) -> dict[str, Any]:
         return await self.engines[0].get_model_info.remote()
 
