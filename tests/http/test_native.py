@@ -329,6 +329,23 @@ def test_metrics_prometheus_text(client):
         if line.startswith("sglang:cache_hit_rate{")
     ]
     assert len(hit_rate) == 1 and 0 < hit_rate[0] < 1
+    # The radix cache's counters are exported as get_server_info reports them.
+    cache = client.get("/get_server_info").json()["prefix_cache"]
+    text = client.get("/metrics").text
+    assert "# TYPE rollout:prefix_cache_evicted_pages_total counter" in text
+    exported = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("rollout:prefix_cache_")
+    }
+    assert exported == {
+        "rollout:prefix_cache_cached_pages": cache["cached_pages"],
+        "rollout:prefix_cache_inserted_pages_total": cache["inserted_pages"],
+        "rollout:prefix_cache_evicted_pages_total": cache["evicted_pages"],
+        "rollout:prefix_cache_hit_tokens_total": cache["hit_tokens"],
+        "rollout:prefix_cache_looked_up_tokens_total": cache["looked_up_tokens"],
+    }
+    assert cache["cached_pages"] > 0 and cache["hit_tokens"] > 0
 
 
 def test_a_client_leaving_mid_stream_aborts_its_request(server, client):
