@@ -23,12 +23,28 @@ from engine_core.requests.generate_request import GenerateRequest
 from engine_core.weights.sglang_payloads import is_serialized
 from rollout.http.backend import Backend
 from rollout.http.errors import bad_request
+from rollout.http.results import from_value
 from rollout.http.streams import as_deltas
 from rollout.service import RolloutService
 
 
 async def _all(refs: list[Any]) -> list[Any]:
     return list(await asyncio.gather(*refs))
+
+
+def _first_failure(outcomes: list[Any]) -> Any:
+    """The first engine's failure among a fan-out's outcomes (a raised error or SGLang's
+    ``(False, message)`` tuple); None when every engine succeeded."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) or not from_value(outcome).success:
+            return outcome
+    return None
+
+
+def _answer(failure: Any) -> Any:
+    if isinstance(failure, BaseException):
+        raise failure
+    return failure
 
 
 class ServiceBackend(Backend):
@@ -129,8 +145,10 @@ class ServiceBackend(Backend):
             )
             for i, engine in enumerate(self.engines)
         ]
-        results = await _all(refs)
-        ranks = [rank for r in results for rank in r.get("ranks", [])]
+        failed = _first_failure(await asyncio.gather(*refs, return_exceptions=True))
+        if failed is not None:
+            return _answer(failed)
+        ranks = list(range(rank_offset, rank_offset + self.num_engines * self.tp_size))
         return {"success": True, "message": f"joined as ranks {ranks}", "ranks": ranks}
 
     async def update_weights_from_distributed(
@@ -142,11 +160,10 @@ class ServiceBackend(Backend):
             )
             for e in self.engines
         ]
-        outcomes = await asyncio.gather(*refs, return_exceptions=True)
-        errors = [o for o in outcomes if isinstance(o, BaseException)]
-        if errors:
+        failed = _first_failure(await asyncio.gather(*refs, return_exceptions=True))
+        if failed is not None:
             await _all([e.discard_staged_weights.remote() for e in self.engines])
-            raise errors[0]
+            return _answer(failed)
         results = await _all([e.commit_staged_weights.remote(weight_version) for e in self.engines])
         version = results[0].get("weight_version", weight_version)
         await self.driver.note_refit.remote(version)
