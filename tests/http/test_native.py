@@ -263,6 +263,8 @@ def test_weights_from_sglang_payloads(client, chat_model, tiny_model_v2, file_sy
         "serialized_named_tensors": [sglang_entry(bucket)],
         "load_format": "flattened_bucket",
         "flush_cache": True,
+        "disable_draft_model": None,
+        "torch_empty_cache": False,
         "weight_version": "s2",
     }
     ok = client.post("/update_weights_from_tensor", json=body)
