@@ -2,10 +2,12 @@
 
 A rollout is cut into prompt groups (one prompt with its ``n`` samples); the engine table's
 policy picks one engine per group, so the samples of a prompt share that engine's prefix cache.
-Each group is one asyncio task and one engine call, ``request.for_items([item], rids=[rid])``:
-when the call fails with ``RayActorError`` (the engine died), the task marks the engine down and
-re-sends the group to a live engine under a fresh request id, so every group's result is
-recorded exactly once. ``generate`` (whole rollouts) and ``PartialRollouts`` both run on it.
+Each group is one asyncio task and one engine call, ``request.for_items([item], rids=[rid])``
+(``rid``: the caller's, held unique by ``rollout.caller_rids``, else the driver's): when the
+call fails with ``RayActorError`` (the engine died), the task marks the engine down and re-sends
+the group to a live engine (under a fresh driver rid, or the caller's own), so every group's
+result is recorded exactly once. ``generate`` (whole rollouts) and ``PartialRollouts`` both run
+on it.
 
 Pure asyncio over Ray handles; no torch.
 """
@@ -25,6 +27,7 @@ from ray.exceptions import RayActorError
 from engine_core.errors import InvalidRequestError
 from engine_core.requests.generate_request import GenerateItem, GenerateRequest, per_item
 from engine_core.requests.sampling_params import SamplingParams
+from rollout.caller_rids import CallerRids
 from rollout.engine_table import EngineTable
 from rollout.policies import GroupInfo
 from rollout.routing.prompt_tokens import PromptTokens
@@ -139,6 +142,7 @@ class GroupRunner:
         self._engines = engines
         self._tokens = tokens
         self._rollouts: dict[str, Rollout] = {}
+        self._caller_rids = CallerRids()
 
     def progress(self, rollout_id: str | None = None) -> dict[str, Any] | None:
         """Counts, tokens and tok/s of a rollout (default: the latest one); None if unknown."""
@@ -154,12 +158,9 @@ class GroupRunner:
             raise InvalidRequestError(
                 "stream", True, "a rollout returns one value; stream from one EngineActor"
             )
-        if request.rid is not None:
-            raise InvalidRequestError(
-                "rid", request.rid, "the driver names requests {rollout_id}-{group}"
-            )
         groups = self._groups(request)
-        results = await self.run(rollout_id or new_rollout_id(), groups)
+        with self._caller_rids.claimed([g.item for g in groups]):
+            results = await self.run(rollout_id or new_rollout_id(), groups)
         outputs = [out for group in results for out in group]
         return outputs if request.batch_size is not None or len(outputs) > 1 else outputs[0]
 
@@ -213,7 +214,10 @@ class GroupRunner:
         """Stream one prompt (n=1) from the engine the policy picks: its incremental chunks,
         each tagged with ``engine_index``. Not re-sent when the engine dies (chunks already
         went out): the stream raises instead."""
-        group = PromptGroup.of(0, request, request.items()[0])
+        session = request.session_id
+        if session is not None and not isinstance(session, str):
+            raise InvalidRequestError("session_id", session, "must be a str (or None)")
+        group = PromptGroup.of(0, request, request.items()[0], session_id=session)
         if request.batch_size is not None or group.info.n != 1:
             raise InvalidRequestError("stream", True, "streaming takes one prompt with n=1")
         index = await self._engines.assign(group.info)
@@ -238,8 +242,10 @@ class GroupRunner:
         attempt = 0
         while True:
             index = await engines.assign(info)
-            # A fresh id per attempt: a re-send can never clash with a copy still in flight.
-            rid = f"{rollout.id}-{info.index}" + (f".r{attempt}" if attempt else "")
+            rid = group.item.rid
+            if rid is None:  # a fresh id per attempt: never clashes with a copy in flight
+                rid = f"{rollout.id}-{info.index}" + (f".r{attempt}" if attempt else "")
+            # (A caller's rid is kept on a re-send: the engine that had it is out of rotation.)
             rollout.inflight[info.index] = (index, rid, info.n)
             try:
                 outputs = await engines.engine(index).generate.remote(group.call(rid))

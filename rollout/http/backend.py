@@ -66,7 +66,11 @@ class Backend(ABC):
 
     @abstractmethod
     async def update_weights_from_tensor(
-        self, named_tensors: Any, load_format: str | None, weight_version: str | None
+        self,
+        named_tensors: Any,
+        load_format: str | None,
+        weight_version: str | None,
+        flush_cache: bool = True,
     ) -> Any: ...
 
     @abstractmethod
@@ -103,6 +107,10 @@ class Backend(ABC):
     @abstractmethod
     async def server_infos(self) -> list[dict[str, Any]]:
         """``get_server_info()`` of every engine, in engine order."""
+
+    async def routing_stats(self) -> dict[str, Any] | None:
+        """The router's counters when requests are routed over engines (else None)."""
+        return None
 
     @abstractmethod
     async def model_info(self) -> dict[str, Any]: ...

@@ -72,11 +72,14 @@ class EngineBackend(Backend):
             abort_all_requests=abort_all_requests,
         )
 
-    async def update_weights_from_tensor(self, named_tensors, load_format, weight_version) -> Any:
+    async def update_weights_from_tensor(
+        self, named_tensors, load_format, weight_version, flush_cache=True
+    ) -> Any:
         return await self._run(
             self.engine.update_weights_from_tensor,
             named_tensors,
             load_format,
+            flush_cache=flush_cache,
             weight_version=weight_version,
         )
 

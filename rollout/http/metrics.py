@@ -4,7 +4,9 @@ the server's own counters (requests, tokens, refit and sleep/wake durations).
 Names follow SGLang's where the meaning is the same (``sglang:num_running_reqs``,
 ``sglang:num_queue_reqs``, ``sglang:token_usage``, ``sglang:gen_throughput``,
 ``sglang:cache_hit_rate``, ``sglang:prompt_tokens_total``, ``sglang:generation_tokens_total``);
-the rest are ``rollout:``. Pure bookkeeping, no Prometheus client needed.
+the rest are ``rollout:`` (the prefix cache's ``get_server_info()["prefix_cache"]`` counters as
+``rollout:prefix_cache_cached_pages``, ``..._evicted_pages_total``, ...). Pure bookkeeping,
+no Prometheus client needed.
 """
 
 from __future__ import annotations
@@ -78,6 +80,33 @@ def _token_usage(info: dict[str, Any]) -> float:
     return 1.0 - info.get("num_free_pages", 0) / total if total else 0.0
 
 
+# get_server_info's ``prefix_cache`` counters -> (metric suffix, kind, help)
+_PREFIX_CACHE = {
+    "cached_pages": ("cached_pages", "gauge", "KV pages the prefix cache holds."),
+    "inserted_pages": ("inserted_pages_total", "counter", "Pages inserted into the prefix cache."),
+    "evicted_pages": ("evicted_pages_total", "counter", "Pages evicted from the prefix cache."),
+    "hit_tokens": ("hit_tokens_total", "counter", "Prompt tokens served from the prefix cache."),
+    "looked_up_tokens": ("looked_up_tokens_total", "counter", "Prompt tokens looked up."),
+}
+
+
+def _cache_counter(info: dict[str, Any], key: str) -> Any:
+    cache = info.get("prefix_cache") or {}
+    return cache.get(key) if cache.get("enabled") else None
+
+
+def _prefix_cache(t: _Text, infos: list[dict[str, Any]]) -> None:
+    """The radix cache's counters of the engines that have one enabled."""
+    for key, (suffix, kind, help_) in _PREFIX_CACHE.items():
+        samples = [
+            ({"engine": i}, v)
+            for i, info in enumerate(infos)
+            if (v := _cache_counter(info, key)) is not None
+        ]
+        if samples:
+            t.metric(f"rollout:prefix_cache_{suffix}", kind, help_, samples)
+
+
 def render(infos: list[dict[str, Any]], server: ServerMetrics) -> str:
     """The exposition text of every engine's ``get_server_info`` and the server counters."""
     t = _Text()
@@ -119,6 +148,7 @@ def render(infos: list[dict[str, Any]], server: ServerMetrics) -> str:
             "Prefix-cache hit rate.",
             _engine_samples(infos, lambda i: i.get("cache_hit_rate")),
         )
+    _prefix_cache(t, infos)
     t.metric(
         "rollout:weight_version_info",
         gauge,

@@ -49,6 +49,9 @@ class UpdateWeightsFromTensorReq(Strict):
     flush_cache: StrictBool = True
     abort_all_requests: StrictBool = False
     weight_version: str | None = None
+    # Newer SGLang's: no draft model and no CUDA cache to empty here, so no effect.
+    disable_draft_model: StrictBool | None = None
+    torch_empty_cache: StrictBool = False
 
 
 class InitWeightsUpdateGroupReq(Strict):

@@ -4,13 +4,17 @@ Prompts are tokenized here (the tokenizer's chat template for chat, ``tokenizer.
 text completion, exactly as the engine would) so the server can hand back the exact prompt ids
 a trainer trains on. ``seed`` becomes ``sampling_seed``, ``max_tokens`` /
 ``max_completion_tokens`` ``max_new_tokens`` (None: the rest of the context, within the KV
-cache), ``logprobs`` / ``top_logprobs`` the engine's logprob arguments."""
+cache), ``min_tokens`` ``min_new_tokens`` (as SGLang's ``serving_completions``), the penalties
+the engine's penalties, ``logprobs`` / ``top_logprobs`` the engine's logprob arguments. The
+params are validated here so a bad value is a 400 naming the OpenAI field."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from engine_core.errors import InvalidRequestError
 from engine_core.requests.generate_request import GenerateRequest
+from engine_core.requests.sampling_params import SamplingParams
 from rollout.http.errors import HTTPError, bad_request
 from rollout.http.openai_protocol import (
     NEUTRAL,
@@ -110,7 +114,17 @@ def max_new_tokens(value: int | None, field: str, prompt_len: int, backend: Any)
     return value
 
 
+# engine sampling key -> the OpenAI field it comes from (where the names differ)
+_OPENAI_NAME = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "sampling_seed": "seed",
+}
+
+
 def sampling_params(req: Any, max_new: int) -> dict[str, Any]:
+    """The engine's sampling params of an OpenAI request; ``InvalidRequestError`` naming the
+    OpenAI field (``min_tokens``, ``frequency_penalty``, ...) for an out-of-range value."""
     params: dict[str, Any] = {"max_new_tokens": max_new, "n": req.n}
     if req.n < 1:
         raise bad_request("n", req.n, "must be >= 1")
@@ -122,12 +136,25 @@ def sampling_params(req: Any, max_new: int) -> dict[str, Any]:
         ("stop", req.stop),
         ("stop_token_ids", req.stop_token_ids),
         ("sampling_seed", req.seed),
+        ("frequency_penalty", req.frequency_penalty),
+        ("presence_penalty", req.presence_penalty),
+        ("repetition_penalty", req.repetition_penalty),
+        ("min_new_tokens", req.min_tokens),
     ):
         if value is not None:
             params[ours] = value
     params["ignore_eos"] = req.ignore_eos
     params["skip_special_tokens"] = req.skip_special_tokens
+    _validate(params)
     return params
+
+
+def _validate(params: dict[str, Any]) -> None:
+    try:
+        SamplingParams.from_dict(params, field_prefix="")
+    except InvalidRequestError as exc:
+        key = exc.field.lstrip(".")
+        raise bad_request(_OPENAI_NAME.get(key, key), exc.value, exc.reason) from None
 
 
 def generate_request(

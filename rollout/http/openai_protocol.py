@@ -1,8 +1,9 @@
 """OpenAI request bodies (``/v1/completions``, ``/v1/chat/completions``) with SGLang's
-extensions (``top_k``, ``min_p``, ``ignore_eos``, ``stop_token_ids``, ``skip_special_tokens``,
-``rid``, ``chat_template_kwargs``, ``return_prompt_token_ids``, ``return_meta_info``; vLLM's
-``return_token_ids``). Unknown fields and wrong types are a 400 naming the field; OpenAI fields
-this engine cannot honour are accepted only at their neutral value (``NEUTRAL``)."""
+extensions (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
+``stop_token_ids``, ``skip_special_tokens``, ``rid``, ``chat_template_kwargs``,
+``return_prompt_token_ids``, ``return_meta_info``; vLLM's ``return_token_ids``). Unknown
+fields and wrong types are a 400 naming the field; OpenAI fields this engine cannot honour
+are accepted only at their neutral value (``NEUTRAL``)."""
 
 from __future__ import annotations
 
@@ -34,10 +35,10 @@ class _Sampling(_Strict):
     user: str | None = None
     frequency_penalty: float | None = 0.0
     presence_penalty: float | None = 0.0
-    repetition_penalty: float | None = 1.0
     logit_bias: dict[str, float] | None = None
+    # SGLang's extensions (``min_tokens`` is SGLang's ``min_new_tokens``)
+    repetition_penalty: float | None = 1.0
     min_tokens: StrictInt = 0
-    # SGLang's extensions
     top_k: StrictInt | None = None
     min_p: float | None = None
     ignore_eos: StrictBool = False
@@ -52,11 +53,7 @@ class _Sampling(_Strict):
 
 # OpenAI/SGLang fields this engine has no way to honour: only these values are accepted.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "frequency_penalty": (None, 0.0),
-    "presence_penalty": (None, 0.0),
-    "repetition_penalty": (None, 1.0),
     "logit_bias": (None, {}),
-    "min_tokens": (0,),
     "no_stop_trim": (False,),
     "echo": (False,),
     "suffix": (None, ""),

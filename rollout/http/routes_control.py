@@ -17,7 +17,7 @@ from rollout.http import native_protocol as p
 from rollout.http.errors import parse_body, read_json
 from rollout.http.jsonresp import json_response
 from rollout.http.results import VerbResult, verb_result
-from rollout.http.tensor_payload import decode_named_tensors
+from rollout.http.tensor_payload import named_tensors_of
 
 router = APIRouter()
 FLUSHED = (
@@ -96,9 +96,10 @@ async def update_weights_from_tensor(request: Request):
     backend = request.app.state.backend
     if body.abort_all_requests:
         await backend.abort_request(None, True)
-    tensors = decode_named_tensors(body.serialized_named_tensors)
-    load_format = None if body.load_format in (None, "direct") else body.load_format
-    call = backend.update_weights_from_tensor(tensors, load_format, body.weight_version)
+    tensors = named_tensors_of(body.serialized_named_tensors)
+    call = backend.update_weights_from_tensor(
+        tensors, body.load_format, body.weight_version, body.flush_cache
+    )
     return answer(await timed(request, "refit", call))
 
 

@@ -3,7 +3,8 @@
 
 With several engines, ``get_server_info`` is engine 0's with every engine's state in
 ``internal_states`` (one per engine, as SGLang lists one per data-parallel rank) and
-``engines`` (each engine's own answer)."""
+``engines`` (each engine's own answer); behind the Ray service it adds ``router``, the
+driver's routing counters (``RolloutDriver.routing_stats``: policy, decisions per rule)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ async def get_server_info(request: Request):
         merged["internal_states"] = [s for info in infos for s in info.get("internal_states", [])]
         merged["engines"] = infos
     merged["num_engines"] = len(infos)
+    router = await state.backend.routing_stats()
+    if router is not None:
+        merged["router"] = router
     return state.json(merged)
 
 

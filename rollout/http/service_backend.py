@@ -9,7 +9,8 @@ weight-update group spans every engine rank: engine ``i``'s ranks start at ``ran
 i * tp_size``, so a trainer sizes ``world_size = 1 + num_engines * tp_size``. A tensor refit
 (``/update_weights_from_tensor``) has no staged phase: it goes to every engine and the first
 failure is answered (engines that succeeded keep the new weights; the versions endpoint shows
-which).
+which). SGLang's serialized payloads go to one engine only (their shared tensors can be fetched
+once), so with more than one engine they are a 400: such servers take base64 safetensors.
 """
 
 from __future__ import annotations
@@ -19,13 +20,31 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from engine_core.requests.generate_request import GenerateRequest
+from engine_core.weights.sglang_payloads import is_serialized
 from rollout.http.backend import Backend
+from rollout.http.errors import bad_request
+from rollout.http.results import from_value
 from rollout.http.streams import as_deltas
 from rollout.service import RolloutService
 
 
 async def _all(refs: list[Any]) -> list[Any]:
     return list(await asyncio.gather(*refs))
+
+
+def _first_failure(outcomes: list[Any]) -> Any:
+    """The first engine's failure among a fan-out's outcomes (a raised error or SGLang's
+    ``(False, message)`` tuple); None when every engine succeeded."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) or not from_value(outcome).success:
+            return outcome
+    return None
+
+
+def _answer(failure: Any) -> Any:
+    if isinstance(failure, BaseException):
+        raise failure
+    return failure
 
 
 class ServiceBackend(Backend):
@@ -92,10 +111,21 @@ class ServiceBackend(Backend):
         results = await self.driver.update_weights_from_disk.remote(model_path, weight_version)
         return {"success": True, "message": f"{len(results)} engines updated"}
 
-    async def update_weights_from_tensor(self, named_tensors, load_format, weight_version) -> Any:
+    async def update_weights_from_tensor(
+        self, named_tensors, load_format, weight_version, flush_cache=True
+    ) -> Any:
+        if self.num_engines > 1 and is_serialized(named_tensors):
+            # A shared-memory descriptor in such a payload can be fetched once: the second
+            # engine would fail after the first had switched (weights out of step).
+            raise bad_request(
+                "serialized_named_tensors",
+                "<payloads>",
+                f"SGLang's serialized payloads reach one engine only; this server has "
+                f"{self.num_engines}: send base64 safetensors or refit over a weights group",
+            )
         refs = [
             e.update_weights_from_tensor.remote(
-                named_tensors, load_format, weight_version=weight_version
+                named_tensors, load_format, flush_cache=flush_cache, weight_version=weight_version
             )
             for e in self.engines
         ]
@@ -115,8 +145,10 @@ class ServiceBackend(Backend):
             )
             for i, engine in enumerate(self.engines)
         ]
-        results = await _all(refs)
-        ranks = [rank for r in results for rank in r.get("ranks", [])]
+        failed = _first_failure(await asyncio.gather(*refs, return_exceptions=True))
+        if failed is not None:
+            return _answer(failed)
+        ranks = list(range(rank_offset, rank_offset + self.num_engines * self.tp_size))
         return {"success": True, "message": f"joined as ranks {ranks}", "ranks": ranks}
 
     async def update_weights_from_distributed(
@@ -128,11 +160,10 @@ class ServiceBackend(Backend):
             )
             for e in self.engines
         ]
-        outcomes = await asyncio.gather(*refs, return_exceptions=True)
-        errors = [o for o in outcomes if isinstance(o, BaseException)]
-        if errors:
+        failed = _first_failure(await asyncio.gather(*refs, return_exceptions=True))
+        if failed is not None:
             await _all([e.discard_staged_weights.remote() for e in self.engines])
-            raise errors[0]
+            return _answer(failed)
         results = await _all([e.commit_staged_weights.remote(weight_version) for e in self.engines])
         version = results[0].get("weight_version", weight_version)
         await self.driver.note_refit.remote(version)
@@ -154,6 +185,9 @@ class ServiceBackend(Backend):
     # ------------------------------------------------------------------ state
     async def server_infos(self) -> list[dict[str, Any]]:
         return await _all([e.get_server_info.remote() for e in self.engines])
+
+    async def routing_stats(self) -> dict[str, Any] | None:
+        return await self.driver.routing_stats.remote()
 
     async def model_info(self) -> dict[str, Any]:
         return await self.engines[0].get_model_info.remote()

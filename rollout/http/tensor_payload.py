@@ -1,10 +1,24 @@
-"""``/update_weights_from_tensor``'s ``serialized_named_tensors`` as this server reads them:
-base64 of safetensors bytes (one entry per TP rank, as SGLang sends one per rank; every entry
-must then hold the same full tensors, the engine shards them itself).
+"""``/update_weights_from_tensor``'s ``serialized_named_tensors`` as this server reads them.
 
-SGLang's own entries are base64 pickles (``MultiprocessingSerializer``); this server never
-unpickles what a client sends, so those are refused with a 400 naming the field. A trainer
-makes an entry with ``base64.b64encode(safetensors.torch.save(state_dict))``."""
+Two kinds of entry (one per TP rank, as SGLang sends one per rank):
+
+- SGLang's own: base64 text of a ``MultiprocessingSerializer`` payload (a ``ForkingPickler``
+  dump of ``[(name, tensor), ...]`` or, with ``load_format="flattened_bucket"``, of a
+  ``FlattenedTensorBucket`` dict), what verl's and slime's HTTP clients send. The entries go
+  to the engine's payload path unchanged: each TP rank decodes its own entry with the
+  engine's restricted unpickler (``engine_core/weights/sglang_payloads.py``: torch's rebuild
+  functions only; anything else is refused), so this server never unpickles a client's bytes
+  itself. The tensors travel as torch shares them (shared-memory descriptors, CUDA IPC
+  handles): the client must be on this host and keep them alive until the answer. CPU
+  tensors need ``torch.multiprocessing.set_sharing_strategy("file_system")`` on a client that
+  did not start the server (the default descriptor passing authenticates with the key of the
+  process tree that made them; a failed fetch is the engine's ``(False, message)``).
+- base64 safetensors bytes (``base64.b64encode(safetensors.torch.save(state_dict))``), for
+  clients without torch's sharing: every entry then holds the same full tensors (the engine
+  shards them itself), only the first is read.
+
+An entry that is not base64 is a 400 naming it; what the engine cannot decode is its
+``(False, message)`` answer."""
 
 from __future__ import annotations
 
@@ -25,24 +39,32 @@ def _looks_like_safetensors(raw: bytes) -> bool:
     return 0 < header_len <= len(raw) - 8 and raw[8:9] == b"{"
 
 
-def decode_named_tensors(entries: list[str]) -> dict[str, Any]:
-    """The tensors of the first entry (``{HF name: tensor}``); 400 naming the field otherwise."""
+def _decoded(entries: list[str]) -> list[bytes]:
+    if not entries:
+        raise bad_request(FIELD, entries, "must hold at least one entry (one per TP rank)")
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            out.append(base64.b64decode(entry, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise bad_request(f"{FIELD}[{i}]", entry[:40], f"not base64 ({exc})") from None
+    return out
+
+
+def is_safetensors(entries: list[str]) -> bool:
+    """Whether the entries are base64 safetensors (else SGLang's serialized payloads); a 400
+    naming the entry that is not base64."""
+    return _looks_like_safetensors(_decoded(entries)[0])
+
+
+def named_tensors_of(entries: list[str]) -> Any:
+    """What ``Engine.update_weights_from_tensor`` takes for these entries: the first entry's
+    ``{HF name: tensor}`` for safetensors, else the per-rank payload strings unchanged."""
+    if not is_safetensors(entries):
+        return list(entries)
     from safetensors.torch import load
 
-    if not entries:
-        raise bad_request(FIELD, entries, "must hold at least one entry")
     try:
-        raw = base64.b64decode(entries[0], validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise bad_request(f"{FIELD}[0]", entries[0][:40], f"not base64 ({exc})") from None
-    if not _looks_like_safetensors(raw):
-        raise bad_request(
-            f"{FIELD}[0]",
-            entries[0][:40],
-            "not base64 safetensors bytes (pickled tensors are never loaded: send "
-            "base64.b64encode(safetensors.torch.save(tensors)))",
-        )
-    try:
-        return load(raw)
+        return load(base64.b64decode(entries[0]))
     except Exception as exc:  # safetensors raises its own error type for corrupt headers
         raise bad_request(f"{FIELD}[0]", entries[0][:40], f"corrupt safetensors ({exc})") from None

@@ -4,14 +4,18 @@ oracle is an in-process ``Engine`` on the same weights."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import pickle
 import threading
+from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 
 import httpx
 import pytest
 import torch
+import torch.multiprocessing
 from safetensors.torch import load_file, save
 
 from engine_core import Engine
@@ -190,15 +194,95 @@ def test_weights_from_disk_tensor_and_by_name(client, chat_model, tiny_model_v2)
     assert ok.status_code == 200 and ok.json()["success"] is True
     got = client.get("/get_weights_by_name", params={"name": name, "truncate_size": 3}).json()
     assert torch.allclose(torch.tensor(got), old[name][:3])
-    pickled = base64.b64encode(pickle.dumps({"x": torch.zeros(1)})).decode()
-    refused = client.post(
-        "/update_weights_from_tensor", json={"serialized_named_tensors": [pickled]}
-    )
-    assert refused.status_code == 400 and "serialized_named_tensors" in refused.json()["message"]
+    not_b64 = client.post("/update_weights_from_tensor", json={"serialized_named_tensors": ["@@"]})
+    assert not_b64.status_code == 400 and "serialized_named_tensors[0]" in not_b64.text
     shape_bad = base64.b64encode(save({name: torch.zeros(2, 2)})).decode()
     bad = client.post("/update_weights_from_tensor", json={"serialized_named_tensors": [shape_bad]})
     assert bad.status_code == 400 and bad.json()["success"] is False
     assert client.get("/get_weight_version").json()["weight_version"] == "v3"
+
+
+@dataclass
+class FlattenedTensorMetadata:  # SGLang's record (srt/weight_sync/tensor_bucket.py)
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    start_idx: int
+    end_idx: int
+    numel: int
+
+
+def sglang_entry(obj) -> str:
+    """What SGLang's ``MultiprocessingSerializer.serialize(obj, output_str=True)`` makes."""
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(obj)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def flattened_bucket(pairs) -> dict:
+    metadata, start = [], 0
+    for name, t in pairs:
+        metadata.append(
+            FlattenedTensorMetadata(name, t.shape, t.dtype, start, start + t.numel(), t.numel())
+        )
+        start += t.numel()
+    return {"flattened_tensor": torch.cat([t.flatten() for _, t in pairs]), "metadata": metadata}
+
+
+@pytest.fixture
+def file_system_sharing():
+    """CPU tensors shared by name: torch's default descriptor passing authenticates with the
+    key of the process tree that made them, and the server is not this process's child."""
+    before = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    yield
+    torch.multiprocessing.set_sharing_strategy(before)
+
+
+def test_weights_from_sglang_payloads(client, chat_model, tiny_model_v2, file_system_sharing):
+    """SGLang's HTTP refit (verl / slime): one base64 ForkingPickler payload per TP rank, of
+    ``(name, tensor)`` pairs or a flattened bucket; a pickle naming anything else is refused
+    and leaves weights and version alone."""
+    new = load_file(os.path.join(tiny_model_v2, "model.safetensors"))
+    old = load_file(os.path.join(chat_model, "model.safetensors"))
+    names = sorted(new)[:4]
+
+    def weights(name):
+        got = client.get("/get_weights_by_name", params={"name": name, "truncate_size": 3})
+        return torch.tensor(got.json())
+
+    pairs = [(n, new[n].clone()) for n in names]
+    body = {"serialized_named_tensors": [sglang_entry(pairs)], "weight_version": "s1"}
+    ok = client.post("/update_weights_from_tensor", json=body)
+    assert ok.status_code == 200 and ok.json()["success"] is True, ok.text
+    assert all(torch.allclose(weights(n), new[n][:3]) for n in names)
+    assert client.get("/get_weight_version").json()["weight_version"] == "s1"
+
+    bucket = flattened_bucket([(n, old[n].clone()) for n in names])
+    body = {
+        "serialized_named_tensors": [sglang_entry(bucket)],
+        "load_format": "flattened_bucket",
+        "flush_cache": True,
+        "disable_draft_model": None,
+        "torch_empty_cache": False,
+        "weight_version": "s2",
+    }
+    ok = client.post("/update_weights_from_tensor", json=body)
+    assert ok.status_code == 200 and ok.json()["success"] is True, ok.text
+    assert all(torch.allclose(weights(n), old[n][:3]) for n in names)
+
+    hostile = base64.b64encode(pickle.dumps([("x", print)])).decode()
+    refused = client.post(
+        "/update_weights_from_tensor",
+        json={"serialized_named_tensors": [hostile], "weight_version": "s3"},
+    )
+    assert refused.status_code == 400 and refused.json()["success"] is False
+    assert "builtins.print" in refused.json()["message"]
+    two = client.post(
+        "/update_weights_from_tensor", json={"serialized_named_tensors": [sglang_entry(pairs)] * 2}
+    )
+    assert two.status_code == 400 and "one per TP rank" in two.json()["message"]
+    assert client.get("/get_weight_version").json()["weight_version"] == "s2"
 
 
 def test_update_weight_version(client):
@@ -247,6 +331,23 @@ def test_metrics_prometheus_text(client):
         if line.startswith("sglang:cache_hit_rate{")
     ]
     assert len(hit_rate) == 1 and 0 < hit_rate[0] < 1
+    # The radix cache's counters are exported as get_server_info reports them.
+    cache = client.get("/get_server_info").json()["prefix_cache"]
+    text = client.get("/metrics").text
+    assert "# TYPE rollout:prefix_cache_evicted_pages_total counter" in text
+    exported = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("rollout:prefix_cache_")
+    }
+    assert exported == {
+        "rollout:prefix_cache_cached_pages": cache["cached_pages"],
+        "rollout:prefix_cache_inserted_pages_total": cache["inserted_pages"],
+        "rollout:prefix_cache_evicted_pages_total": cache["evicted_pages"],
+        "rollout:prefix_cache_hit_tokens_total": cache["hit_tokens"],
+        "rollout:prefix_cache_looked_up_tokens_total": cache["looked_up_tokens"],
+    }
+    assert cache["cached_pages"] > 0 and cache["hit_tokens"] > 0
 
 
 def test_a_client_leaving_mid_stream_aborts_its_request(server, client):

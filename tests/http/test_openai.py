@@ -205,7 +205,11 @@ def test_stop_string(client):
         (dict(max_tokens=-1), "max_tokens"),
         (dict(extra_body={"bogus_field": 1}), "bogus_field"),
         (dict(extra_body={"top_k": "x"}), "top_k"),
-        (dict(frequency_penalty=0.5), "frequency_penalty"),
+        (dict(frequency_penalty=2.5), "frequency_penalty"),
+        (dict(presence_penalty=-3.0), "presence_penalty"),
+        (dict(extra_body={"repetition_penalty": 0.0}), "repetition_penalty"),
+        (dict(extra_body={"min_tokens": 5}), "min_tokens"),
+        (dict(extra_body={"min_tokens": -1}), "min_tokens"),
         (dict(messages=[]), "messages"),
     ],
 )
@@ -217,3 +221,44 @@ def test_bad_chat_requests_name_the_field(client, kwargs, field):
     assert field in info.value.message
     ok = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2)
     assert ok.choices[0].message.content is not None
+
+
+PENALTIES = {"frequency_penalty": 0.7, "presence_penalty": 0.4, "repetition_penalty": 1.6}
+
+
+def test_penalized_completion_matches_the_engine(client, oracle, chat_model):
+    """OpenAI's penalties and SGLang's ``repetition_penalty`` / ``min_tokens`` reach the
+    engine: the completion equals the in-process engine's with the same params, and differs
+    from the unpenalized one (so the penalties did something)."""
+    ids = AutoTokenizer.from_pretrained(chat_model).encode("the quick brown fox")
+    base = {"temperature": 0, "max_new_tokens": 12}
+    want = oracle.generate(input_ids=ids, sampling_params=base | PENALTIES | {"min_new_tokens": 12})
+    plain = oracle.generate(input_ids=ids, sampling_params=base | {"ignore_eos": True})
+    out = client.completions.create(
+        model="tiny",
+        prompt="the quick brown fox",
+        max_tokens=12,
+        temperature=0,
+        frequency_penalty=0.7,
+        presence_penalty=0.4,
+        extra_body={"repetition_penalty": 1.6, "min_tokens": 12, "return_token_ids": True},
+    ).choices[0]
+    assert out.model_extra["token_ids"] == want["output_ids"] and out.text == want["text"]
+    assert len(want["output_ids"]) == 12 and want["output_ids"] != plain["output_ids"]
+
+
+def test_penalized_chat_matches_the_engine(client, oracle, chat_ids):
+    want = oracle.generate(
+        input_ids=chat_ids,
+        sampling_params={"temperature": 0, "max_new_tokens": 8, "ignore_eos": True} | PENALTIES,
+    )
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_completion_tokens=8,
+        temperature=0,
+        frequency_penalty=0.7,
+        presence_penalty=0.4,
+        extra_body={"repetition_penalty": 1.6, "ignore_eos": True, "return_token_ids": True},
+    ).choices[0]
+    assert out.model_extra["token_ids"] == want["output_ids"]

@@ -99,6 +99,12 @@ def test_distributed_refit_reaches_every_engine(service, tiny_model_v2):
             assert {o["meta_info"]["engine_index"] for o in outs} == {0, 1}
             gone = client.post("/destroy_weights_update_group", json={"group_name": group})
             assert gone.json()["success"] is True
+            # An engine's failure tuple (the group is gone) is the answer, every engine unchanged.
+            stale = client.post(
+                "/update_weights_from_distributed", json=body | {"weight_version": "x"}
+            )
+            assert stale.status_code == 400 and stale.json()["success"] is False, stale.text
+            assert client.get("/get_weight_version").json()["weight_versions"] == ["svc-1"] * 2
     finally:
         trainer.join(timeout=30)
         if trainer.is_alive():

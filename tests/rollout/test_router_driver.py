@@ -153,6 +153,59 @@ def test_sessions_through_the_runner():
         asyncio.run(rollout(run, [[1] * 4, [2] * 4], session_id=["a", 3]))
 
 
+def test_caller_rids_name_the_engine_requests_and_route_sticky():
+    """A caller's rid (SGLang's ``_t<turn>`` suffix per turn) is the engine's request id and
+    its stripped key routes every turn of a conversation to one engine."""
+    fakes = [FakeEngine(PAGE), FakeEngine(PAGE)]
+    run = runner(fakes, "cache_aware")
+    convs = [[700 + 13 * c + i for i in range(40)] for c in range(4)]
+
+    async def go():
+        homes = {}
+        for turn in range(3):
+            prompts = [convs[c] + [5] * (8 * turn) for c in range(4)]
+            rids = [f"conv{c}_t{turn}" for c in range(4)]
+            outs = await rollout(run, prompts, rid=rids)
+            assert [o["meta_info"]["id"] for o in outs] == rids
+            for c, out in enumerate(outs):
+                homes.setdefault(c, set()).add(out["meta_info"]["engine_index"])
+        n2 = await run.generate(
+            GenerateRequest(input_ids=[1, 2, 3], sampling_params={"n": 2}, rid="pair")
+        )
+        assert [o["meta_info"]["id"] for o in n2] == ["pair-0", "pair-1"]
+        return homes
+
+    homes = asyncio.run(go())
+    assert all(len(h) == 1 for h in homes.values()), homes
+    assert run._engines.policy.stats()["decisions"]["session"] == 8
+    assert not run._caller_rids._inflight  # released once the rollouts ended
+
+
+@pytest.mark.parametrize(
+    "rid, match",
+    [
+        ("same", "unique within the request"),
+        (["a", 3], r"rid\[1\]=3"),
+        (["a", None], "one rid per prompt"),
+        (["a", ""], r"rid\[1\]=''"),
+    ],
+)
+def test_bad_caller_rids_name_the_rid(rid, match):
+    run = runner([FakeEngine(PAGE)], "round_robin")
+    with pytest.raises(InvalidRequestError, match=match):
+        asyncio.run(rollout(run, [[1] * 4, [2] * 4], rid=rid))
+
+
+def test_a_caller_rid_in_flight_is_refused_until_it_ends():
+    run = runner([FakeEngine(PAGE)], "round_robin")
+    items = GenerateRequest(input_ids=[1, 2], rid="busy").items()
+    with run._caller_rids.claimed(items):
+        with pytest.raises(InvalidRequestError, match="duplicates a request in flight"):
+            asyncio.run(rollout(run, [1, 2], rid="busy"))
+    out = asyncio.run(rollout(run, [1, 2], rid="busy"))
+    assert out["meta_info"]["id"] == "busy"
+
+
 def test_dead_engine_on_drain_loses_its_entries():
     fakes = [FakeEngine(PAGE), FakeEngine(PAGE)]
     run = runner(fakes, "cache_aware")
