@@ -77,10 +77,10 @@ def main() -> None:
             "model": path,
             "prefix_caching": True,
             "workloads": [
-                {
+                {  # vLLM refuses greedy with n > 1: n copies of each prompt, same work
                     "name": "grpo",
-                    "prompts": prompts,
-                    "n": args.n,
+                    "prompts": [p for p in prompts for _ in range(args.n)],
+                    "n": 1,
                     "max_tokens": args.new_tokens,
                     "temperature": 0,
                 }
