@@ -12,6 +12,7 @@ new), then ``data: [DONE]``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from typing import Any
 
@@ -21,7 +22,7 @@ from engine_core.requests.generate_request import GenerateRequest
 from rollout.http.errors import HTTPError, bad_request, parse_body, read_json
 from rollout.http.native_protocol import AbortReq
 from rollout.http.sse import DONE, error_event, event, sse_response
-from rollout.http.streams import OpenStream
+from rollout.http.streams import OpenStream, merged
 
 router = APIRouter()
 HEALTH_TIMEOUT_S = 20.0
@@ -113,21 +114,20 @@ async def generate(request: Request):
             if with_text:
                 add_token_text(out, tokenizer)
         return state.json(outputs)
-    if req.batch_size is not None:
-        raise bad_request("stream", True, "streaming takes one prompt (send one per request)")
-    if req.rid is None:
-        req.rid = uuid.uuid4().hex
-    stream = await OpenStream.open(state.backend, req)
-    shape = Cumulative()
-    sent = [0]
+    streams = await open_streams(state.backend, req)
+    batch = req.batch_size is not None
+    shapes = [Cumulative() for _ in streams]
+    sent = [[0] for _ in streams]
 
     async def events():
         try:
-            async for chunk in stream.chunks():
+            async for index, chunk in merged(streams):
                 if state.config.incremental_streaming_output:
-                    chunk = incremental(chunk, sent)
+                    chunk = incremental(chunk, sent[index])
                 else:
-                    chunk = shape(chunk)
+                    chunk = shapes[index](chunk)
+                if batch:  # SGLang tags a batch's stream chunks with the prompt's index
+                    chunk["index"] = index
                 if with_text:
                     add_token_text(chunk, tokenizer)
                 if chunk["meta_info"].get("finish_reason") is not None:
@@ -138,6 +138,47 @@ async def generate(request: Request):
         yield DONE
 
     return sse_response(events())
+
+
+async def open_streams(backend, req: GenerateRequest) -> list[OpenStream]:
+    """One engine stream per prompt (a batch streams every prompt, interleaved), each opened
+    before the answer so bad input is still a 400; if one fails, those opened are aborted."""
+    if req.batch_size is None:
+        singles = [req if req.rid is not None else dataclasses.replace(req, rid=_new_rid())]
+    else:
+        base = _new_rid()
+        singles = [
+            _single(req, item, item.rid or f"{base}-{i}") for i, item in enumerate(req.items())
+        ]
+    streams: list[OpenStream] = []
+    try:
+        for single in singles:
+            streams.append(await OpenStream.open(backend, single))
+    except BaseException:
+        for stream in streams:
+            await stream.abort()
+        raise
+    return streams
+
+
+def _single(req: GenerateRequest, item, rid: str) -> GenerateRequest:
+    """The streaming request of one prompt of a batch."""
+    return dataclasses.replace(
+        req,
+        **{"prompt" if req.is_text else "input_ids": item.input},
+        sampling_params=item.sampling_params,
+        return_logprob=item.return_logprob,
+        logprob_start_len=item.logprob_start_len,
+        top_logprobs_num=item.top_logprobs_num,
+        rid=rid,
+        token_ids_logprob=item.token_ids_logprob,
+        return_hidden_states=item.return_hidden_states,
+        cache_salt=item.cache_salt,
+    )
+
+
+def _new_rid() -> str:
+    return uuid.uuid4().hex
 
 
 @router.get("/health")

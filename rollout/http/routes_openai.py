@@ -4,10 +4,8 @@ too: ``chat.completion.chunk`` / ``text_completion`` SSE events, a usage event w
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +16,7 @@ from rollout.http.errors import parse_body, read_json
 from rollout.http.openai_protocol import ChatCompletionRequest, CompletionRequest
 from rollout.http.routes_generate import refuse_when_stopping
 from rollout.http.sse import DONE, error_event, event, sse_response
-from rollout.http.streams import OpenStream
+from rollout.http.streams import OpenStream, merged
 
 router = APIRouter()
 
@@ -108,36 +106,6 @@ async def _serve(request: Request, chat: bool):
     return state.json(body)
 
 
-async def _merged(streams: list[OpenStream]) -> AsyncIterator[tuple[int, dict]]:
-    """Chunks of every stream as they come, tagged with the stream's choice index."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: OpenStream) -> None:
-        try:
-            async for chunk in stream.chunks():
-                await queue.put((index, chunk))
-        except Exception as exc:
-            await queue.put((index, exc))
-        finally:
-            await queue.put((index, None))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        open_streams = len(tasks)
-        while open_streams:
-            index, item = await queue.get()
-            if item is None:
-                open_streams -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 async def _events(state, req, chat: bool, rid: str, model: str, prompts, streams):
     text_of = build.TokenText(state.backend.tokenizer)
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -146,7 +114,7 @@ async def _events(state, req, chat: bool, rid: str, model: str, prompts, streams
     created = int(time.time())
     want_logprobs = req.logprobs if chat else req.logprobs is not None
     try:
-        async for index, chunk in _merged(streams):
+        async for index, chunk in merged(streams):
             meta = chunk["meta_info"]
             choice: dict[str, Any] = {"index": index, "logprobs": None}
             if want_logprobs:

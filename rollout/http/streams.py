@@ -3,6 +3,7 @@ on every exit: when the client goes away mid-stream the request is aborted on th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -32,6 +33,11 @@ class OpenStream:
             raise RuntimeError("the engine ended the stream without output") from None
         return cls(backend, request, it, first)
 
+    async def abort(self) -> None:
+        """Abort a stream that will not be read (a sibling of a batch failed to open)."""
+        await _quiet_abort(self)
+        await self._it.aclose()
+
     async def chunks(self) -> AsyncIterator[dict]:
         try:
             chunk = self._first
@@ -46,6 +52,36 @@ class OpenStream:
             if not self.finished:  # the client left (or the stream failed): free the engine
                 await _quiet(lambda: self.backend.abort_request(self.rid, False))
             await self._it.aclose()
+
+
+async def merged(streams: list[OpenStream]) -> AsyncIterator[tuple[int, dict]]:
+    """Chunks of every stream as they come, tagged with the stream's index in ``streams``."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: OpenStream) -> None:
+        try:
+            async for chunk in stream.chunks():
+                await queue.put((index, chunk))
+        except Exception as exc:
+            await queue.put((index, exc))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            index, item = await queue.get()
+            if item is None:
+                open_streams -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def as_deltas(chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
@@ -71,6 +107,10 @@ def check_cumulative_engines(engine_kwargs: dict) -> None:
             True,
             "behind rollout serve, set it on the server (HTTPConfig), not on the engines",
         )
+
+
+async def _quiet_abort(stream: OpenStream) -> None:
+    await _quiet(lambda: stream.backend.abort_request(stream.rid, False))
 
 
 async def _quiet(call: Callable) -> None:

@@ -102,6 +102,24 @@ def test_stream_chunks_are_cumulative_and_end_with_done(client, oracle):
     assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 6}
 
 
+def test_batch_stream_interleaves_prompts_tagged_by_index(client, oracle):
+    prompts = ["the quick brown fox", "jumps over"]
+    payload = {"text": prompts, "sampling_params": GREEDY, "stream": True}
+    with client.stream("POST", "/generate", json=payload) as response:
+        assert response.status_code == 200
+        chunks = _sse(response)
+    for index, prompt in enumerate(prompts):
+        mine = [c for c in chunks if c["index"] == index]
+        want = oracle.generate(prompt, GREEDY)
+        assert len(mine) > 1 and all(
+            after["text"].startswith(before["text"]) for before, after in zip(mine, mine[1:])
+        )
+        assert mine[-1]["output_ids"] == want["output_ids"] and mine[-1]["text"] == want["text"]
+    bad = {"input_ids": [[1, 2], []], "sampling_params": GREEDY, "stream": True}
+    response = client.post("/generate", json=bad)
+    assert response.status_code == 400 and "input_ids" in response.text
+
+
 def test_abort_request_by_rid_mid_stream(client):
     long = {"temperature": 0, "max_new_tokens": 200, "ignore_eos": True}
     payload = {"input_ids": [1, 2, 3], "sampling_params": long, "stream": True, "rid": "to-abort"}
