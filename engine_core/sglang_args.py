@@ -371,12 +371,18 @@ def checkpoint_numel(model_path: str) -> int:
 
     total = 0
     for path in checkpoint_files(model_path):
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        total += sum(
-            math.prod(meta["shape"]) for key, meta in header.items() if key != "__metadata__"
-        )
+        try:
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            total += sum(
+                math.prod(meta["shape"]) for key, meta in header.items() if key != "__metadata__"
+            )
+        except (OSError, ValueError, OverflowError, TypeError, KeyError, struct.error) as exc:
+            # A corrupt file is the loader's typed error, wherever it is first read.
+            from engine_core.errors import ModelLoadError
+
+            raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from None
     return total
 
 

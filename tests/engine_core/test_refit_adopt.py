@@ -104,6 +104,9 @@ def test_partial_update_copies_in_place():
 
 
 def run(engine: Engine) -> list:
+    # Drop the prefix cache: in default mode a cache hit changes the last bits of logprobs
+    # (another batch computed the shared KV); these tests compare weights through outputs.
+    engine.flush_cache()
     greedy = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
     outs = engine.generate(input_ids=[[1, 2, 3], [7, 6, 5, 4]], sampling_params=greedy)
     return [o["output_ids"] for o in outs]
