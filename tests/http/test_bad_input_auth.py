@@ -52,7 +52,6 @@ BAD_NATIVE = [
     ({"input_ids": [1] * 300}, "prompt", "300 tokens"),
     ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": -5}}, "max_new_tokens", "-5"),
     ({"input_ids": [1, 2], "stream": "yes"}, "stream", "yes"),
-    ({"input_ids": [[1], [2]], "stream": True}, "stream", "True"),
 ]
 
 
