@@ -33,7 +33,7 @@ class Backend(ABC):
 
     @abstractmethod
     def stream(self, request: GenerateRequest) -> AsyncIterator[dict]:
-        """Incremental chunks of one prompt (n=1); they concatenate to the output."""
+        """SGLang's cumulative chunks of one prompt (n=1): each holds the output so far."""
 
     @abstractmethod
     async def abort_request(self, rid: str | None, abort_all: bool) -> None: ...

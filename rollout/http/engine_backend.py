@@ -14,7 +14,6 @@ from typing import Any
 from engine_core import Engine
 from engine_core.requests.generate_request import GenerateRequest
 from rollout.http.backend import Backend
-from rollout.http.streams import as_deltas
 
 
 class EngineBackend(Backend):
@@ -38,7 +37,7 @@ class EngineBackend(Backend):
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[dict]:
         chunks = await self.engine.async_generate(dataclasses.replace(request, stream=True))
-        async for chunk in as_deltas(chunks):
+        async for chunk in chunks:
             yield chunk
 
     async def abort_request(self, rid: str | None, abort_all: bool) -> None:

@@ -22,7 +22,7 @@ from engine_core.requests.generate_request import GenerateRequest
 from rollout.http.errors import HTTPError, bad_request, parse_body, read_json
 from rollout.http.native_protocol import AbortReq
 from rollout.http.sse import DONE, error_event, event, sse_response
-from rollout.http.streams import OpenStream, merged
+from rollout.http.streams import Deltas, OpenStream, merged
 
 router = APIRouter()
 HEALTH_TIMEOUT_S = 20.0
@@ -71,19 +71,6 @@ def add_token_text(out: dict[str, Any], tokenizer: Any) -> None:
             meta[key] = [None if rs is None else [with_text(r) for r in rs] for rs in meta[key]]
 
 
-class Cumulative:
-    """Turns incremental chunks into SGLang's default cumulative ones."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.ids: list[int] = []
-
-    def __call__(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        self.text += chunk["text"]
-        self.ids += chunk["output_ids"]
-        return {**chunk, "text": self.text, "output_ids": list(self.ids)}
-
-
 def incremental(chunk: dict[str, Any], sent: list[int]) -> dict[str, Any]:
     """Only the new rows of the per-token ``meta_info`` lists (SGLang's incremental mode)."""
     meta = dict(chunk["meta_info"])
@@ -116,16 +103,14 @@ async def generate(request: Request):
         return state.json(outputs)
     streams = await open_streams(state.backend, req)
     batch = req.batch_size is not None
-    shapes = [Cumulative() for _ in streams]
+    deltas = [Deltas() for _ in streams]
     sent = [[0] for _ in streams]
 
     async def events():
         try:
             async for index, chunk in merged(streams):
-                if state.config.incremental_streaming_output:
-                    chunk = incremental(chunk, sent[index])
-                else:
-                    chunk = shapes[index](chunk)
+                if state.config.incremental_streaming_output:  # else: as the engine sent it
+                    chunk = incremental(deltas[index](chunk), sent[index])
                 if batch:  # SGLang tags a batch's stream chunks with the prompt's index
                     chunk["index"] = index
                 if with_text:

@@ -16,7 +16,7 @@ from rollout.http.errors import parse_body, read_json
 from rollout.http.openai_protocol import ChatCompletionRequest, CompletionRequest
 from rollout.http.routes_generate import refuse_when_stopping
 from rollout.http.sse import DONE, error_event, event, sse_response
-from rollout.http.streams import OpenStream, merged
+from rollout.http.streams import Deltas, OpenStream, merged
 
 router = APIRouter()
 
@@ -110,11 +110,13 @@ async def _events(state, req, chat: bool, rid: str, model: str, prompts, streams
     text_of = build.TokenText(state.backend.tokenizer)
     kind = "chat.completion.chunk" if chat else "text_completion"
     ids: list[list[int]] = [[] for _ in streams]  # tokens streamed so far, per choice
+    deltas = [Deltas() for _ in streams]
     finals: dict[int, dict] = {}
     created = int(time.time())
     want_logprobs = req.logprobs if chat else req.logprobs is not None
     try:
         async for index, chunk in merged(streams):
+            chunk = deltas[index](chunk)
             meta = chunk["meta_info"]
             choice: dict[str, Any] = {"index": index, "logprobs": None}
             if want_logprobs:

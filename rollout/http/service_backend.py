@@ -24,7 +24,6 @@ from engine_core.weights.sglang_payloads import is_serialized
 from rollout.http.backend import Backend
 from rollout.http.errors import bad_request
 from rollout.http.results import from_value
-from rollout.http.streams import as_deltas
 from rollout.service import RolloutService
 
 
@@ -73,10 +72,6 @@ class ServiceBackend(Backend):
         return await self.driver.generate.remote(request)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[dict]:
-        async for chunk in as_deltas(self._chunks(request)):
-            yield chunk
-
-    async def _chunks(self, request: GenerateRequest) -> AsyncIterator[dict]:
         async for ref in self.driver.generate_stream.remote(request):
             yield await ref
 

@@ -84,16 +84,19 @@ async def merged(streams: list[OpenStream]) -> AsyncIterator[tuple[int, dict]]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def as_deltas(chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
-    """The engines stream SGLang's cumulative chunks (each holds the output so far); a backend
-    hands on ``text`` / ``output_ids`` as deltas (``meta_info`` stays cumulative), which the
-    routes shape into SGLang's HTTP chunks (cumulative by default, or incremental)."""
-    text, ids = "", 0
-    async for chunk in chunks:
+class Deltas:
+    """One stream's cumulative chunks (SGLang's default, as the engines send them) turned into
+    what is new: ``text`` / ``output_ids`` deltas, ``meta_info`` as it comes (for OpenAI chunks
+    and SGLang's incremental mode)."""
+
+    def __init__(self) -> None:
+        self.text, self.ids = "", 0
+
+    def __call__(self, chunk: dict) -> dict:
         full_text, full_ids = chunk["text"], chunk["output_ids"]
-        delta = full_text[len(text) :] if full_text.startswith(text) else full_text
-        yield {**chunk, "text": delta, "output_ids": full_ids[ids:]}
-        text, ids = full_text, len(full_ids)
+        delta = full_text[len(self.text) :] if full_text.startswith(self.text) else full_text
+        self.text, start, self.ids = full_text, self.ids, len(full_ids)
+        return {**chunk, "text": delta, "output_ids": full_ids[start:]}
 
 
 def check_cumulative_engines(engine_kwargs: dict) -> None:
