@@ -331,6 +331,7 @@ class Engine:
         load_format: str | None = None,
         flush_cache: bool = True,
         weight_version: str | None = None,
+        commit: bool = True,
     ) -> tuple[bool, str]:
         """Load tensors handed over in memory; SGLang's ``(success, message)``.
 
@@ -339,10 +340,13 @@ class Engine:
         ``gate_up_proj`` names), SGLang's serialized payloads -- one
         ``MultiprocessingSerializer.serialize(...)`` bytes/base64 string per TP rank, of pairs
         or (``load_format="flattened_bucket"``) of a ``FlattenedTensorBucket`` dict -- or a
-        trainer's ``weight_sync.ColocatedBuckets`` handles (``"flattened_bucket"``)."""
+        trainer's ``weight_sync.ColocatedBuckets`` handles (``"flattened_bucket"``).
+        ``commit=False`` (not SGLang's) validates and holds a private copy on every rank, for
+        a commit across engines: finish with ``commit_staged_weights`` or
+        ``discard_staged_weights``."""
 
         def run() -> tuple[bool, str]:
-            self.refitter.from_tensors(named_tensors, load_format, weight_version)
+            self.refitter.from_tensors(named_tensors, load_format, weight_version, commit)
             return True, with_version(TENSOR_OK, weight_version)
 
         return self.results.run("update_weights_from_tensor", run)
@@ -404,9 +408,10 @@ class Engine:
     def commit_staged_weights(
         self, weight_version: str | None = None, flush_cache: bool | None = None
     ) -> dict:
-        """Commit the update held by ``update_weights_from_distributed(commit=False)`` on every
-        rank and switch the version (default: the one given when staging). Not SGLang's:
-        returns ``{"success", "num_tensors", "weight_version"}`` and raises on failure."""
+        """Commit the update held by ``update_weights_from_distributed`` / ``_from_tensor``
+        (``commit=False``) on every rank and switch the version (default: the one given when
+        staging). Not SGLang's: returns ``{"success", "num_tensors", "weight_version"}`` and
+        raises on failure."""
         return self.refitter.commit_held(weight_version)
 
     def discard_staged_weights(self) -> dict:

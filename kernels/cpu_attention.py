@@ -4,65 +4,24 @@ Reads K/V pages in place instead of gathering them, and is batch-invariant by co
 (each query row is reduced in a fixed order that depends only on its own data), so the engine's
 default and deterministic modes both use it for fp32 decode on CPU.
 
-The library is compiled once per source/flags/machine into a user cache directory with the
-system C compiler (``cc``); if no compiler is available, ``available()`` is False and callers
-use the torch path.
+The library is built by ``kernels._cbuild``; if it cannot be built here, ``available()`` is
+False and callers use the torch path.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import torch
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "paged_attention_cpu.c")
-# -fopenmp: the library asks for libgomp.so.1, which resolves to the copy torch has already
-# loaded, so attention and torch's ops share one OpenMP thread pool (checked in /proc/maps).
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
-
-
-def _cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "rl-rollout", "kernels")
-
-
-def _build(target: str) -> None:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler (cc/gcc) on PATH")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, *_FLAGS, _SOURCE, "-o", tmp, "-lm"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        os.replace(tmp, target)  # atomic: concurrent builders never see a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+from kernels._cbuild import load
 
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    with open(_SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join(_FLAGS).encode() + platform.machine().encode())
-    target = os.path.join(_cache_dir(), f"paged_attention_{key.hexdigest()[:16]}.so")
-    try:
-        if not os.path.exists(target):
-            _build(target)
-        lib = ctypes.CDLL(target)
-    except (OSError, subprocess.CalledProcessError):
+    lib = load("paged_attention_cpu")
+    if lib is None:
         return None
     fn = lib.paged_attention_f32
     fn.restype = ctypes.c_int

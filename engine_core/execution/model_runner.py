@@ -39,7 +39,7 @@ def build_model(
     matmul is batch-invariant in deterministic mode (``"off"`` otherwise)."""
     device = torch.device(config.device)
     attention = choose_backend(device, dtype, config.deterministic)
-    linear, matmul = torch.nn.functional.linear, "off"
+    linear, matmul = default_linear(device, dtype), "off"
     if config.deterministic:
         linear, matmul = _deterministic_linear(model_cfg, tp.size, dtype, device)
     model_class = ARCHITECTURES[model_cfg.architecture].model_class
@@ -48,14 +48,28 @@ def build_model(
     return model.to(dtype).eval(), attention, matmul
 
 
+def default_linear(device: torch.device, dtype: torch.dtype):
+    """Default mode's matmul: on CPU in fp32 the C kernel for decode-sized batches (BLAS runs
+    far below memory bandwidth there), the BLAS for the rest; ``F.linear`` elsewhere."""
+    from kernels import cpu_linear
+
+    if device.type == "cpu" and dtype == torch.float32 and cpu_linear.available():
+        return cpu_linear.small_rows_linear
+    return torch.nn.functional.linear
+
+
 def _deterministic_linear(mc: ModelConfig, tp: int, dtype: torch.dtype, device: torch.device):
-    """A batch-invariant matmul: Triton on CUDA; on CPU the BLAS itself when the start-up
-    probe proves its rows batch-invariant for every weight shape, else fixed M tiles."""
+    """A batch-invariant matmul: Triton on CUDA; on CPU in fp32 the C kernel (invariant by
+    construction), else the BLAS itself when the start-up probe proves its rows
+    batch-invariant for every weight shape, else fixed M tiles."""
     import kernels
+    from kernels import cpu_linear
     from kernels.invariant_linear import padded_linear, rows_invariant
 
     if device.type == "cuda":
         return kernels.batch_invariant_linear, "triton fixed tiles"
+    if dtype == torch.float32 and cpu_linear.available():
+        return cpu_linear.linear, "C kernel (row-invariant by construction)"
     local_qkv = (mc.num_heads // tp + 2 * max(1, mc.num_kv_heads // tp)) * mc.head_dim
     shapes = [
         (mc.hidden_size, local_qkv),

@@ -142,15 +142,16 @@ class Rank:
     def stage_received(self, group_name: str, pairs, hold: bool) -> int:
         return self.refit.stage_received(group_name, pairs, hold)
 
-    def stage_colocated(self, handles: Sequence[Any]) -> int:
-        return self.refit.stage_colocated(handles)
+    def stage_colocated(self, handles: Sequence[Any], hold: bool = False) -> int:
+        return self.refit.stage_colocated(handles, hold)
 
-    def stage_pairs(self, pairs: list[tuple[str, torch.Tensor]]) -> int:
-        return self.refit.stage_pairs(pairs)
+    def stage_pairs(self, pairs: list[tuple[str, torch.Tensor]], hold: bool = False) -> int:
+        return self.refit.hold_tensors(pairs) if hold else self.refit.stage_pairs(pairs)
 
-    def stage_serialized(self, payload: Any, load_format: str | None) -> int:
+    def stage_serialized(self, payload: Any, load_format: str | None, hold: bool = False) -> int:
         """This rank's SGLang payload (``weights.sglang_payloads``), decoded here."""
-        return self.refit.stage_pairs(decode_pairs(payload, load_format))
+        pairs = decode_pairs(payload, load_format)
+        return self.refit.hold_tensors(pairs) if hold else self.refit.stage_pairs(pairs)
 
     def restage_held(self) -> int:
         return self.refit.restage_held()

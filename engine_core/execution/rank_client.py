@@ -83,15 +83,17 @@ class RankClient:
     def stage_received(self, group_name: str, pairs, hold: bool) -> int:
         return self._on_all(Rank.stage_received, group_name, pairs, hold)
 
-    def stage_colocated(self, handles: Sequence[Any]) -> int:
-        return self._on_all(Rank.stage_colocated, handles)
+    def stage_colocated(self, handles: Sequence[Any], hold: bool = False) -> int:
+        return self._on_all(Rank.stage_colocated, handles, hold)
 
-    def stage_pairs(self, pairs: list) -> int:
-        return self._on_all(Rank.stage_pairs, pairs)
+    def stage_pairs(self, pairs: list, hold: bool = False) -> int:
+        return self._on_all(Rank.stage_pairs, pairs, hold)
 
-    def stage_serialized(self, payloads: Sequence[Any], load_format: str | None) -> int:
+    def stage_serialized(
+        self, payloads: Sequence[Any], load_format: str | None, hold: bool = False
+    ) -> int:
         """SGLang's per-rank payloads: rank ``r`` decodes ``payloads[r]`` only."""
-        return self._on_each(Rank.stage_serialized, [(p, load_format) for p in payloads])
+        return self._on_each(Rank.stage_serialized, [(p, load_format, hold) for p in payloads])
 
     def restage_held(self) -> int:
         return self._on_all(Rank.restage_held)

@@ -5,8 +5,9 @@ rank at once. Loading always goes through ``Rank.stage_weights`` (the one ingest
 names, fused q/k/v and gate/up, TP shards, tied embeddings); this module only decides where
 the tensors come from.
 
-Held updates (``stage_distributed(..., hold=True)`` / ``restage_held`` / ``discard_held``) let
-several engines stage one update each and commit only once every engine staged successfully.
+Held updates (``stage_distributed(..., hold=True)``, ``hold_tensors`` / ``restage_held`` /
+``discard_held``) let several engines stage one update each and commit only once every engine
+staged successfully.
 One update is held at a time: its received ``(name, view)`` pairs (views into the group's
 staging arena), not destination views -- the engine may move its parameters' storage in
 between (sleep / wake), so the commit validates again against the live parameters.
@@ -182,9 +183,22 @@ class RankRefit:
             self.held, self.held_group = pairs, group_name
         return count
 
-    def stage_colocated(self, handles: Sequence[Any]) -> int:
+    def stage_colocated(self, handles: Sequence[Any], hold: bool = False) -> int:
         """Map the trainer's shared buckets (no copy) and validate this rank's shards."""
+        if hold:
+            return self.hold_tensors(iter_colocated(handles))
         return self.stage_pairs(iter_colocated(handles))
+
+    def hold_tensors(self, pairs: Iterable[tuple[str, Any]]) -> int:
+        """Validate a tensor refit, then hold a private copy of it for ``restage_held`` (the
+        caller's tensors or shared buckets may change or vanish before the commit). With TP
+        every rank copies the full tensors it was given, not only its shards."""
+        pairs = list(pairs)
+        count = self.stage_pairs(pairs)
+        self.rank.discard_weights()
+        owned = [(n, t.detach().clone()) for n, t in pairs]  # validated: all tensors
+        self.held, self.held_group = owned, None
+        return count
 
     def stage_pairs(self, pairs: Iterable[tuple[str, torch.Tensor]], adopt: bool = False) -> int:
         # Refits must match the engine's dtype exactly (no silent casts of trainer tensors).

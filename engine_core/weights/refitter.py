@@ -152,7 +152,14 @@ class Refitter:
                 )
         return self._two_phase(lambda: self.ranks.stage_checkpoint(model_path), version, model_path)
 
-    def from_tensors(self, named_tensors: Any, load_format: str | None, version: str | None):
+    def from_tensors(
+        self, named_tensors: Any, load_format: str | None, version: str | None, commit: bool = True
+    ):
+        """Stage tensors handed over in memory and commit them, or (``commit=False``) hold a
+        private copy on every rank for ``commit_held`` / ``discard_held``."""
+        hold = not commit
+        if hold and self.held is not None:
+            raise RefitStateError("a staged update is held; commit or discard it first")
         per_rank = per_rank_tensors(named_tensors, self.tp_size)
         if per_rank is not None or is_serialized(named_tensors):
             # SGLang's per-rank payloads (or per-tensor values): each rank decodes its own.
@@ -162,18 +169,20 @@ class Refitter:
                     f"named_tensors: {len(payloads)} serialized payloads, expected one per TP "
                     f"rank ({self.tp_size})"
                 )
-            stage = lambda: self.ranks.stage_serialized(payloads, load_format)  # noqa: E731
-            return self._two_phase(stage, version)
+            stage = lambda: self.ranks.stage_serialized(payloads, load_format, hold)  # noqa: E731
+            return self._finish(stage, version, commit)
         if load_format == FLATTENED_BUCKET and isinstance(named_tensors, Mapping):
             named_tensors, load_format = bucket_pairs(named_tensors), None  # in-process bucket
         handles = handles_of(named_tensors, load_format)
         if handles is not None:
-            return self._two_phase(lambda: self.ranks.stage_colocated(handles), version)
+            stage = lambda: self.ranks.stage_colocated(handles, hold)  # noqa: E731
+            return self._finish(stage, version, commit)
         pairs = pairs_of(named_tensors)
         if self.tp_size == 1:
-            return self._two_phase(lambda: self.ranks.stage_pairs(pairs), version)
+            return self._finish(lambda: self.ranks.stage_pairs(pairs, hold), version, commit)
         with self.segments.packed(pairs) as packed:  # every rank maps them, none copies
-            return self._two_phase(lambda: self.ranks.stage_colocated(packed), version)
+            stage = lambda: self.ranks.stage_colocated(packed, hold)  # noqa: E731
+            return self._finish(stage, version, commit)
 
     def init_group(
         self, master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s
@@ -222,15 +231,15 @@ class Refitter:
         local = self.ranks.local
         if local is None:
             stage = lambda: self.ranks.stage_distributed(group_name, plan, metas, not commit)  # noqa: E731
-            return self._finish_distributed(stage, version, commit)
+            return self._finish(stage, version, commit)
         # The rank lives here: receive beside the loop thread, which keeps generating; only
         # validation and the commit run between two steps.
         with local.refit.receiving(group_name):
             pairs = local.refit.receive(group_name, plan, metas)
             stage = lambda: self.ranks.stage_received(group_name, pairs, not commit)  # noqa: E731
-            return self._finish_distributed(stage, version, commit)
+            return self._finish(stage, version, commit)
 
-    def _finish_distributed(self, stage: Callable[[], int], version, commit: bool) -> dict:
+    def _finish(self, stage: Callable[[], int], version, commit: bool) -> dict:
         if commit:
             return self._two_phase(stage, version)
 

@@ -7,10 +7,10 @@ it: every engine stages the update (``commit=False``) while the trainer broadcas
 engine commits -- or, if any failed, every engine discards and the error is answered. The
 weight-update group spans every engine rank: engine ``i``'s ranks start at ``rank_offset +
 i * tp_size``, so a trainer sizes ``world_size = 1 + num_engines * tp_size``. A tensor refit
-(``/update_weights_from_tensor``) has no staged phase: it goes to every engine and the first
-failure is answered (engines that succeeded keep the new weights; the versions endpoint shows
-which). SGLang's serialized payloads go to one engine only (their shared tensors can be fetched
-once), so with more than one engine they are a 400: such servers take base64 safetensors.
+(``/update_weights_from_tensor``) is all or none the same way: every engine validates and holds
+a copy (``commit=False``), then all commit or all discard. SGLang's serialized payloads go to one
+engine only (their shared tensors can be fetched once), so with more than one engine they are a
+400: such servers take base64 safetensors.
 """
 
 from __future__ import annotations
@@ -44,6 +44,23 @@ def _answer(failure: Any) -> Any:
     if isinstance(failure, BaseException):
         raise failure
     return failure
+
+
+async def commit_everywhere(
+    engines: list[Any], staging: list[Any], weight_version, flush_cache
+) -> tuple[Any, str | None]:
+    """All or none: ``staging`` holds one staged (``commit=False``) update per engine; commit on
+    every engine once all staged, else discard the held updates everywhere and answer the first
+    failure. Returns the answer and the version switched to (None when nothing switched)."""
+    failed = _first_failure(await asyncio.gather(*staging, return_exceptions=True))
+    if failed is not None:
+        await _all([e.discard_staged_weights.remote() for e in engines])
+        return _answer(failed), None
+    results = await _all(
+        [e.commit_staged_weights.remote(weight_version, flush_cache) for e in engines]
+    )
+    version = results[0].get("weight_version", weight_version)
+    return {"success": True, "message": f"{len(results)} engines updated"}, version
 
 
 class ServiceBackend(Backend):
@@ -118,13 +135,26 @@ class ServiceBackend(Backend):
                 f"SGLang's serialized payloads reach one engine only; this server has "
                 f"{self.num_engines}: send base64 safetensors or refit over a weights group",
             )
+        if self.num_engines == 1:
+            ref = self.engines[0].update_weights_from_tensor.remote(
+                named_tensors, load_format, flush_cache=flush_cache, weight_version=weight_version
+            )
+            return await ref
         refs = [
             e.update_weights_from_tensor.remote(
-                named_tensors, load_format, flush_cache=flush_cache, weight_version=weight_version
+                named_tensors, load_format, weight_version=weight_version, commit=False
             )
             for e in self.engines
         ]
-        return (await _all(refs))[0]
+        return await self._refit_everywhere(refs, weight_version, flush_cache)
+
+    async def _refit_everywhere(self, staging: list[Any], weight_version, flush_cache) -> Any:
+        answer, version = await commit_everywhere(
+            self.engines, staging, weight_version, flush_cache
+        )
+        if version is not None:
+            await self.driver.note_refit.remote(version)
+        return answer
 
     async def init_weights_update_group(
         self, master_address, master_port, rank_offset, world_size, group_name, backend
@@ -155,14 +185,7 @@ class ServiceBackend(Backend):
             )
             for e in self.engines
         ]
-        failed = _first_failure(await asyncio.gather(*refs, return_exceptions=True))
-        if failed is not None:
-            await _all([e.discard_staged_weights.remote() for e in self.engines])
-            return _answer(failed)
-        results = await _all([e.commit_staged_weights.remote(weight_version) for e in self.engines])
-        version = results[0].get("weight_version", weight_version)
-        await self.driver.note_refit.remote(version)
-        return {"success": True, "message": f"{len(results)} engines updated"}
+        return await self._refit_everywhere(refs, weight_version, None)
 
     async def destroy_weights_update_group(self, group_name: str) -> Any:
         refs = [e.destroy_weights_update_group.remote(group_name) for e in self.engines]

@@ -76,9 +76,11 @@ def test_alignment_holds_after_an_optimizer_step_and_a_refit(model_dir, kind):
 
 
 def test_alignment_holds_on_the_fixed_tile_matmul(model_dir, monkeypatch):
-    """Where the BLAS proof fails, engine and trainer both take the fixed 16-row tiles."""
-    from kernels import invariant_linear
+    """Without the C kernel and where the BLAS proof fails, engine and trainer both take the
+    fixed 16-row tiles."""
+    from kernels import cpu_linear, invariant_linear
 
+    monkeypatch.setattr(cpu_linear, "available", lambda: False)
     monkeypatch.setattr(invariant_linear, "rows_invariant", lambda *args: False)
     path = model_dir("qwen3")
     policy = PolicyModel.from_pretrained(path)

@@ -5,12 +5,14 @@ engine (world = trainer + 2 engine ranks) and versions advance on both."""
 
 from __future__ import annotations
 
+import base64
 import multiprocessing as mp
 import os
 
 import httpx
 import openai
 import pytest
+import torch
 from safetensors.torch import load_file
 from server_process import ServerProcess
 from trainer import stock_trainer
@@ -109,3 +111,32 @@ def test_distributed_refit_reaches_every_engine(service, tiny_model_v2):
         trainer.join(timeout=30)
         if trainer.is_alive():
             trainer.kill()
+
+
+def test_tensor_refit_is_all_or_none_across_engines(service, chat_model, tiny_model_v2):
+    from safetensors.torch import save
+
+    new = load_file(os.path.join(tiny_model_v2, "model.safetensors"))
+    entry = base64.b64encode(save(new)).decode()
+    with httpx.Client(base_url=service.url, timeout=180) as client:
+        before = client.get("/get_weight_version").json()["weight_versions"]
+        name = "model.layers.0.mlp.down_proj.weight"
+        bad = base64.b64encode(save(new | {name: torch.zeros(2, 2)})).decode()
+        refused = client.post(
+            "/update_weights_from_tensor",
+            json={"serialized_named_tensors": [bad], "weight_version": "bad"},
+        )
+        assert refused.status_code == 400 and refused.json()["success"] is False
+        assert client.get("/get_weight_version").json()["weight_versions"] == before
+        body = {"serialized_named_tensors": [entry], "weight_version": "tensor-1"}
+        ok = client.post("/update_weights_from_tensor", json=body)
+        assert ok.status_code == 200 and ok.json()["success"] is True, ok.text
+        versions = client.get("/get_weight_version").json()["weight_versions"]
+        assert versions == ["tensor-1", "tensor-1"]
+        with Engine(tiny_model_v2, device="cpu") as fresh:
+            want = fresh.generate(input_ids=[[5, 6], [7, 8]], sampling_params=GREEDY)
+        outs = client.post(
+            "/generate", json={"input_ids": [[5, 6], [7, 8]], "sampling_params": GREEDY}
+        ).json()
+        assert [o["output_ids"] for o in outs] == [w["output_ids"] for w in want]
+        assert {o["meta_info"]["engine_index"] for o in outs} == {0, 1}

@@ -3,7 +3,9 @@
 ``padded_linear``'s batch invariance is a property of one BLAS build, so nothing here asserts
 that the proof passes on this machine: its claim is checked only where it passes, its logic
 against fake BLASes that are (not) batch invariant, and the engine is checked to follow it --
-padded BLAS when every weight shape passes, the fixed-tile fallback otherwise.
+padded BLAS when every weight shape passes, the fixed-tile fallback otherwise. Those engine
+tests take the C kernel away (``kernels.cpu_linear``, preferred where it builds); the last test
+checks that the engine prefers it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from kernel_test_utils import tile_rows_position_invariant
 
 import kernels
+import kernels.cpu_linear as cpu_linear
 import kernels.invariant_linear as invariant_linear
 from engine_core import Engine
 from kernels.invariant_linear import ROW_BLOCK, padded_linear, rows_invariant
@@ -107,11 +110,16 @@ class _Spy:
         return self.fn(x, w, b)
 
 
+@pytest.fixture
+def no_c_kernel(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "available", lambda: False)
+
+
 def _deterministic_engine(model_dir):
     return Engine(model_dir("llama"), device="cpu", deterministic=True, page_size=4)
 
 
-def test_engine_choice_follows_the_proof(model_dir, monkeypatch):
+def test_engine_choice_follows_the_proof(model_dir, monkeypatch, no_c_kernel):
     verdicts = []
 
     def recorded(*args):
@@ -128,7 +136,7 @@ def test_engine_choice_follows_the_proof(model_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("failing", ["all", "lm_head"])
-def test_failed_proof_falls_back_to_fixed_tiles(model_dir, monkeypatch, failing):
+def test_failed_proof_falls_back_to_fixed_tiles(model_dir, monkeypatch, failing, no_c_kernel):
     vocab = 320  # tests/tiny_models.py VOCAB: the LM head is (hidden, vocab)
     verdict = (lambda k, n, d, t: False) if failing == "all" else (lambda k, n, d, t: n != vocab)
     monkeypatch.setattr(invariant_linear, "rows_invariant", verdict)
@@ -155,11 +163,26 @@ def test_failed_proof_falls_back_to_fixed_tiles(model_dir, monkeypatch, failing)
             assert _signature(engine, PARTNERS[:3] + [TARGET] + PARTNERS[3:], 3) == alone
 
 
-def test_passing_proof_uses_padded_blas(model_dir, monkeypatch):
+def test_passing_proof_uses_padded_blas(model_dir, monkeypatch, no_c_kernel):
     monkeypatch.setattr(invariant_linear, "rows_invariant", lambda *args: True)
     spy = _Spy(padded_linear)
     monkeypatch.setattr(invariant_linear, "padded_linear", spy)
     with _deterministic_engine(model_dir) as engine:
         assert engine.runner.deterministic_matmul == "blas (proved row-invariant at start-up)"
         engine.generate(input_ids=TARGET, sampling_params=GREEDY)
+    assert spy.calls > 0
+
+
+@pytest.mark.skipif(not cpu_linear.available(), reason="no C compiler / AVX2+FMA")
+def test_the_c_kernel_is_preferred_and_needs_no_proof(model_dir, monkeypatch):
+    def no_proof(*args):
+        raise AssertionError("the BLAS proof ran although the C kernel is available")
+
+    monkeypatch.setattr(invariant_linear, "rows_invariant", no_proof)
+    spy = _Spy(cpu_linear.linear)
+    monkeypatch.setattr(cpu_linear, "linear", spy)
+    with _deterministic_engine(model_dir) as engine:
+        assert engine.runner.deterministic_matmul == "C kernel (row-invariant by construction)"
+        alone = _signature(engine, [TARGET], 0)
+        assert _signature(engine, PARTNERS[:3] + [TARGET] + PARTNERS[3:], 3) == alone
     assert spy.calls > 0

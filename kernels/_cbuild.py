@@ -1,0 +1,58 @@
+"""Build-and-load for the C kernels in ``csrc/``: each source is compiled once per
+source/flags/machine into a user cache directory with the system C compiler (``cc``) and loaded
+through ctypes. No compiler, or a CPU the source cannot target (e.g. no AVX2/FMA): ``load``
+returns None and callers use their torch path."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+CSRC = os.path.join(os.path.dirname(__file__), "csrc")
+# -fopenmp: the library asks for libgomp.so.1, which resolves to the copy torch has already
+# loaded, so these kernels and torch's ops share one OpenMP thread pool (checked in /proc/maps).
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rl-rollout", "kernels")
+
+
+def _build(source: str, target: str) -> None:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc/gcc) on PATH")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(target))
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, source, "-o", tmp, "-lm"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        os.replace(tmp, target)  # atomic: concurrent builders never see a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """``csrc/<name>.c`` as a loaded library, or None when it cannot be built here."""
+    source = os.path.join(CSRC, f"{name}.c")
+    with open(source, "rb") as f:
+        key = hashlib.sha256(f.read() + " ".join(FLAGS).encode() + platform.machine().encode())
+    target = os.path.join(_cache_dir(), f"{name}_{key.hexdigest()[:16]}.so")
+    try:
+        if not os.path.exists(target):
+            _build(source, target)
+        return ctypes.CDLL(target)
+    except (OSError, subprocess.CalledProcessError):
+        return None

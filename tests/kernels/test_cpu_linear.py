@@ -1,0 +1,93 @@
+"""The C linear kernel (``kernels/cpu_linear.py``) against a float64 torch reference, and its
+batch invariance: every row bitwise equal to the same row computed alone, whatever the number
+of rows, the other rows or the thread count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels import cpu_linear
+
+pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="no C compiler / AVX2+FMA")
+
+
+def reference(x, w, b=None):
+    out = x.double() @ w.double().T
+    return (out if b is None else out + b.double()).float()
+
+
+def operands(m, n, k, seed, wdtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen).to(wdtype)
+    b = torch.randn(n, generator=gen)
+    return x, w, b
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(0, 37),
+    n=st.integers(1, 130),
+    k=st.integers(1, 80),
+    bias=st.booleans(),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_the_float64_reference(m, n, k, bias, bf16, seed):
+    x, w, b = operands(m, n, k, seed, torch.bfloat16 if bf16 else torch.float32)
+    b = b if bias else None
+    out = cpu_linear.linear(x, w, b)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    want = reference(x, w.float(), b)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * k**0.5)
+
+
+@pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (576, 3072), (67, 101)])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_rows_are_batch_invariant(k, n, wdtype):
+    x, w, b = operands(70, n, k, 7, wdtype)
+    alone = torch.cat([cpu_linear.linear(x[i : i + 1], w, b) for i in range(len(x))])
+    for rows in (1, 2, 3, 4, 5, 7, 9, 16, 33, 70):
+        assert torch.equal(cpu_linear.linear(x[:rows], w, b), alone[:rows]), rows
+    # A row's value does not depend on its neighbours either.
+    shuffled = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))]
+    again = cpu_linear.linear(shuffled, w, b)
+    for i in range(len(x)):
+        j = int((shuffled == x[i]).all(dim=1).nonzero()[0])
+        assert torch.equal(again[j], alone[i])
+
+
+def test_rows_do_not_depend_on_the_thread_count():
+    x, w, b = operands(19, 300, 576, 3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_linear.linear(x, w, b)
+        torch.set_num_threads(2)
+        two = cpu_linear.linear(x, w, b)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_leading_dims_and_strided_inputs():
+    x, w, b = operands(12, 40, 24, 5)
+    out = cpu_linear.linear(x.reshape(3, 4, 24), w, b)
+    assert out.shape == (3, 4, 40)
+    assert torch.equal(out.reshape(12, 40), cpu_linear.linear(x, w, b))
+    wide = torch.randn(12, 48)[:, ::2]  # not contiguous
+    torch.testing.assert_close(cpu_linear.linear(wide, w), reference(wide, w), rtol=1e-5, atol=1e-4)
+
+
+def test_small_rows_linear_switches_to_the_blas_above_the_threshold():
+    limit = cpu_linear.SMALL_ROWS
+    x, w, b = operands(limit + 1, 64, 32, 9)
+    assert torch.equal(
+        cpu_linear.small_rows_linear(x[:limit], w, b), cpu_linear.linear(x[:limit], w, b)
+    )
+    assert torch.equal(cpu_linear.small_rows_linear(x, w, b), F.linear(x, w, b))
+    assert cpu_linear.supports(x, w) and not cpu_linear.supports(x.double(), w)
