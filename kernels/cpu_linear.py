@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from kernels._cbuild import load
 
-# Up to this many rows the C kernel beats MKL's sgemm on the default model's shapes (2 cores,
-# AVX2: 0.4-0.8x its time at 1-16 rows, about even at 24-32, slower beyond; BENCHMARKS.md).
-SMALL_ROWS = 16
+# Up to this many rows the C kernel beats MKL's sgemm on the default model's shapes: the 121
+# GEMMs of one step, cold weights, 2 cores (AVX2): 0.53x MKL's time at 1 row, 0.67x at 8, 0.81x
+# at 32, even at 48, slower from 64 (docs/PERFORMANCE.md).
+SMALL_ROWS = 32
 
 
 @functools.lru_cache(maxsize=1)

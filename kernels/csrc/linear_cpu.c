@@ -20,6 +20,7 @@
 #define MR 4 /* rows of x per micro-kernel */
 #define NR 3 /* rows of w per micro-kernel: MR * NR accumulators + loads fit in 16 ymm */
 #define N_CHUNK 48 /* rows of w one thread keeps hot (L2) while it walks all of x */
+#define PARALLEL_MIN (1 << 18) /* multiply-adds below which waking threads costs more */
 
 static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
 
@@ -70,6 +71,10 @@ static inline float reduce_lanes(__m256 acc) {
     /* Constant mr/nr after inlining: the accumulators stay in registers. */                     \
     static void NAME##_dispatch(const float *x, const WT *w, const float *b, float *y,          \
                                 int64_t K, int64_t N, int mr, int nr) {                          \
+        if (mr == 1 && nr == 1) {                                                                \
+            NAME(x, w, b, y, K, N, 1, 1);                                                        \
+            return;                                                                              \
+        }                                                                                        \
         if (nr == NR) {                                                                          \
             switch (mr) {                                                                        \
             case 4: NAME(x, w, b, y, K, N, 4, NR); return;                                       \
@@ -83,12 +88,14 @@ static inline float reduce_lanes(__m256 acc) {
     int NAME##_linear(const float *x, const WT *w, const float *b, float *y, int64_t M,        \
                       int64_t N, int64_t K) {                                                    \
         const int64_t chunks = (N + N_CHUNK - 1) / N_CHUNK;                                      \
-        _Pragma("omp parallel for schedule(static)") for (int64_t c = 0; c < chunks; c++) {     \
+        _Pragma("omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN)") for (int64_t c = 0; c < chunks; c++) {     \
             const int64_t n0 = c * N_CHUNK, n1 = n0 + N_CHUNK < N ? n0 + N_CHUNK : N;            \
             for (int64_t m = 0; m < M; m += MR) {                                                \
                 const int mr = (int)(M - m < MR ? M - m : MR);                                   \
-                for (int64_t n = n0; n < n1; n += NR) {                                          \
-                    const int nr = (int)(n1 - n < NR ? n1 - n : NR);                             \
+                /* One row of x: one weight row at a time, a single sequential stream. */       \
+                const int step = mr == 1 ? 1 : NR;                                               \
+                for (int64_t n = n0; n < n1; n += step) {                                        \
+                    const int nr = (int)(n1 - n < step ? n1 - n : step);                         \
                     NAME##_dispatch(x + m * K, w + n * K, b ? b + n : 0, y + m * N + n, K, N,    \
                                     mr, nr);                                                     \
                 }                                                                                \
