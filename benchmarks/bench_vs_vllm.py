@@ -6,7 +6,8 @@ Each system is timed after a warm-up; vLLM runs as a subprocess in its own venv
 (``../shared/peers/setup_vllm_cpu.sh``; skipped with a message when absent). Also reports our
 load-to-first-token time, peak RSS and, with ``--deterministic``, deterministic mode.
 
-    python benchmarks/bench_vs_vllm.py [--new-tokens 128] [--deterministic] [--vllm-venv DIR]
+    python benchmarks/bench_vs_vllm.py [--new-tokens 128] [--deterministic] [--bf16-weights]
+        [--vllm-venv DIR]
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def expanded(work: dict) -> dict:
     return work | {"prompts": prompts_n, "n": 1}
 
 
-def run_ours(path: str, works: list[dict], deterministic: bool) -> dict:
+def run_ours(path: str, works: list[dict], deterministic: bool, weight_dtype: str = "auto") -> dict:
     started = time.perf_counter()
-    with Engine(path, skip_tokenizer_init=True, deterministic=deterministic) as engine:
+    kwargs = {"deterministic": deterministic, "weight_dtype": weight_dtype}
+    with Engine(path, skip_tokenizer_init=True, **kwargs) as engine:
         engine.generate(input_ids=[[11, 12, 13]], sampling_params={"max_new_tokens": 1})
         out: dict = {"load_s": time.perf_counter() - started}
         for work in works:
@@ -95,15 +97,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument(
+        "--bf16-weights", action="store_true", help="also our engine with weight_dtype=bfloat16"
+    )
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--vllm-venv", default=None)
     args = parser.parse_args()
+    load_start = os.getloadavg()[0]
     path = ensure_default_model()
     works = workloads(args.new_tokens)
     columns: dict[str, dict] = {"rl-rollout Engine": run_ours(path, works, False)}
     print(columns, flush=True)
     if args.deterministic:
         columns["Engine deterministic"] = run_ours(path, works, True)
+    if args.bf16_weights:
+        columns["Engine bf16 weights"] = run_ours(path, works, False, "bfloat16")
     python = vllm_python(args.vllm_venv)
     note = ""
     if python is None:
@@ -120,28 +128,43 @@ def main() -> None:
     if not args.no_hf:
         columns["HF generate"] = run_hf(path, works)
     print(columns, flush=True)
-    write_section("Engine vs vLLM-CPU vs HF (issue 15)", report(columns, works, args, note))
+    write_section(
+        "Engine vs vLLM-CPU vs HF (issue 15)", report(columns, works, args, note, load_start)
+    )
 
 
-def report(columns: dict[str, dict], works: list[dict], args, note: str) -> str:
+def ratio_columns(columns: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """(header, numerator column, denominator column) of the ratios this run can give."""
+    out = []
+    if "vLLM-CPU" in columns:
+        out.append(("ours / vLLM", "rl-rollout Engine", "vLLM-CPU"))
+        if "Engine bf16 weights" in columns:
+            out.append(("bf16 weights / vLLM", "Engine bf16 weights", "vLLM-CPU"))
+    if "Engine deterministic" in columns:
+        out.append(("deterministic / default", "Engine deterministic", "rl-rollout Engine"))
+    return out
+
+
+def report(columns: dict[str, dict], works: list[dict], args, note: str, load_start) -> str:
     names = list(columns)
+    ratios = ratio_columns(columns)
     head = "| workload | " + " | ".join(f"{n} (tok/s)" for n in names)
-    rows = [head + (" | ours / vLLM |" if "vLLM-CPU" in columns else " |")]
-    rows.append("|---" * (len(names) + 1 + ("vLLM-CPU" in columns)) + "|")
-    ours = columns["rl-rollout Engine"]
+    rows = [head + "".join(f" | {h}" for h, _, _ in ratios) + " |"]
+    rows.append("|---" * (len(names) + 1 + len(ratios)) + "|")
     for work in works:
         cells = [f"{columns[n].get(work['name'], float('nan')):.1f}" for n in names]
-        line = f"| {work['name']} | " + " | ".join(cells) + " |"
-        if "vLLM-CPU" in columns:
-            line += f" {ours[work['name']] / columns['vLLM-CPU'][work['name']]:.2f}x |"
-        rows.append(line)
+        cells += [
+            f"{columns[a][work['name']] / columns[b][work['name']]:.2f}x" for _, a, b in ratios
+        ]
+        rows.append(f"| {work['name']} | " + " | ".join(cells) + " |")
+    ours = columns["rl-rollout Engine"]
     load = " / ".join(f"{n} {c['load_s']:.1f} s" for n, c in columns.items() if "load_s" in c)
     return (
         f"{note}SmolLM2-135M fp32, greedy, exactly {args.new_tokens} new tokens, distinct "
         "prompts (96 tokens; GRPO = 8 prompts x n=8 of 256), every system measured in this "
-        "run. **The machine was shared with other jobs (load average "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end)**: absolute numbers "
-        "are noisy, only same-run ratios mean anything.\n\n"
+        f"run, one after the other. Load average {load_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores (other jobs on the "
+        "machine make absolute numbers noisy; compare within the run).\n\n"
         + "\n".join(rows)
         + f"\n\nLoad to first token: {load}. Our peak RSS: {ours['peak_rss_gib']:.2f} GiB; "
         f"retractions: {ours['retractions']}."

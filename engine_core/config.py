@@ -37,6 +37,10 @@ class EngineConfig:
 
     model_path: str
     dtype: str = "auto"
+    # Opt-in on CPU: store the linear and embedding weights as "bfloat16" while computing in
+    # float32 (half the bytes a decode step reads; logprobs move by the rounding of the
+    # weights, docs/PERFORMANCE.md). "auto": weights in ``dtype``.
+    weight_dtype: str = "auto"
     device: str = dataclasses.field(default_factory=default_device)
     page_size: int = 16
     max_total_tokens: int | None = None
@@ -85,6 +89,14 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self._check_choice("dtype", self.dtype, DTYPES)
         self._check_choice("device", self.device, ("cpu", "cuda"))
+        self._check_choice("weight_dtype", self.weight_dtype, ("auto", "bfloat16"))
+        if self.weight_dtype == "bfloat16" and (self.device != "cpu" or self.dtype == "bfloat16"):
+            raise InvalidConfigError(
+                "weight_dtype",
+                self.weight_dtype,
+                "bf16 weights with float32 compute is a CPU mode (dtype auto/float32); on CUDA "
+                "set dtype='bfloat16'",
+            )
         for name in (
             "page_size",
             "max_running_requests",

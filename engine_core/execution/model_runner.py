@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 from engine_core.config import EngineConfig
+from engine_core.errors import ModelLoadError
 from engine_core.execution.sampler import sample_step
 from engine_core.layers.attention import choose_backend
+from engine_core.layers.sharded import WeightOwner
 from engine_core.model_config import ModelConfig
 from engine_core.models.llama import ModelOps
 from engine_core.models.registry import ARCHITECTURES
@@ -42,10 +44,39 @@ def build_model(
     linear, matmul = default_linear(device, dtype), "off"
     if config.deterministic:
         linear, matmul = _deterministic_linear(model_cfg, tp.size, dtype, device)
+    narrow = config.weight_dtype == "bfloat16"
+    if narrow:
+        linear, matmul = _bf16_weight_linear(dtype, config.deterministic)
     model_class = ARCHITECTURES[model_cfg.architecture].model_class
     with torch.device(device):
         model = model_class(model_cfg, tp, context_length, ModelOps(attention, linear))
-    return model.to(dtype).eval(), attention, matmul
+    model = model.to(dtype).eval()
+    if narrow:
+        store_matrices_in_bf16(model)
+    return model, attention, matmul
+
+
+def _bf16_weight_linear(dtype: torch.dtype, deterministic: bool):
+    """bf16-stored weights, fp32 compute: the C kernel for every batch size (it reads bf16
+    weights directly and is row-invariant, so deterministic mode keeps its guarantee)."""
+    from kernels import cpu_linear
+
+    if dtype != torch.float32 or not cpu_linear.available():
+        raise ModelLoadError(
+            "weight_dtype='bfloat16' needs float32 compute and the C linear kernel "
+            "(a C compiler and an AVX2/FMA CPU)"
+        )
+    label = "C kernel, bf16 weights (row-invariant by construction)"
+    return cpu_linear.linear, label if deterministic else "off"
+
+
+def store_matrices_in_bf16(model: torch.nn.Module) -> None:
+    """Linear, embedding and LM-head matrices to bf16 (norms and biases stay in the compute
+    dtype). Refits and checkpoint loads then copy into them, rounding to nearest even."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, WeightOwner) and weight is not None and weight.dim() == 2:
+            weight.data = weight.data.to(torch.bfloat16)
 
 
 def default_linear(device: torch.device, dtype: torch.dtype):

@@ -120,7 +120,8 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, ids, positions, meta):
-        x = self.embed_tokens(ids)
+        # The residual stream is in the norms' dtype (matrices may be stored narrower).
+        x = self.embed_tokens(ids).to(self.norm.weight.dtype)
         rope = self.rotary_emb.tables(positions, x.dtype)  # once per step, not per layer
         for layer in self.layers:
             x = layer(rope, x, meta)
