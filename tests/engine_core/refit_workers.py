@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -133,6 +134,20 @@ class SenderProcess:
         self.workdir = workdir
         self.proc = ctx.Process(target=sender_main, args=args, daemon=True)
         self.proc.start()
+
+    def wait_listening(self, port: int, timeout_s: float = 60.0) -> None:
+        """Block until the sender hosts its store on ``port``: a test that gives the rendezvous
+        a short timeout (to test collective timeouts) must not race the child's start-up, which
+        takes seconds on a loaded machine (spawn + import torch)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                    return
+            except OSError:
+                if time.monotonic() > deadline or not self.proc.is_alive():
+                    raise TimeoutError(f"sender never listened on port {port}") from None
+                time.sleep(0.05)
 
     def plan(self, k: int) -> str:
         return fetch(str(self.workdir), f"plan-{k}")

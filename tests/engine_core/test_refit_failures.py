@@ -134,6 +134,7 @@ def test_silent_sender_times_out(model_dir, tmp_path):
     try:
         with Engine(old, device="cpu", refit_errors="raise") as engine:
             before, snap = run(engine), snapshot(engine)
+            sender.wait_listening(port)
             engine.init_weights_update_group("127.0.0.1", port, 1, 2, GROUP, timeout_s=2.0)
             started = time.monotonic()
             with pytest.raises(WeightSyncTimeout, match="timed out"):
@@ -161,6 +162,7 @@ def test_engine_keeps_serving_while_a_refit_waits_for_its_sender(model_dir, tmp_
     try:
         with Engine(old, device="cpu", refit_errors="raise") as engine:
             before, snap = run(engine), snapshot(engine)
+            sender.wait_listening(port)
             engine.init_weights_update_group("127.0.0.1", port, 1, 2, GROUP, timeout_s=5.0)
             waiting = threading.Thread(target=refit, args=(engine,))
             waiting.start()
