@@ -22,6 +22,15 @@ def machine() -> str:
     )
 
 
+def load_note(load_start: float) -> str:
+    """The machine's load during a run (measured, not assumed): noisy numbers say so."""
+    return (
+        f"Load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
+        f"{os.cpu_count()} cores (other jobs on the machine make absolute numbers noisy; compare "
+        "within the run)."
+    )
+
+
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section ``name`` of BENCHMARKS.md with ``body``."""
     text = open(REPORT).read() if os.path.exists(REPORT) else HEADER

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "http"))
 
 from server_process import ServerProcess  # noqa: E402
 
-from benchmarks._report import write_section  # noqa: E402
+from benchmarks._report import load_note, write_section  # noqa: E402
 from engine_core import Engine  # noqa: E402
 from engine_core.default_model import ensure_default_model  # noqa: E402
 
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="a line written next to the numbers")
     args = parser.parse_args()
     model = args.model_path or ensure_default_model()
+    load_start = os.getloadavg()[0]
     kwargs = {"device": "cpu", "num_threads": args.threads, "max_total_tokens": 16384}
     params = {"temperature": 0, "max_new_tokens": args.new_tokens, "ignore_eos": True}
     batch = prompts(args.prompt_len)
@@ -106,7 +107,7 @@ def main() -> None:
     lines = [
         f"Model `{os.path.basename(model.rstrip('/'))}`, batch {BATCH}, {args.prompt_len}-token "
         f"prompts, {args.new_tokens} new tokens (greedy), {args.threads} torch threads per "
-        f"engine, {args.rounds} rounds (median; first round dropped).",
+        f"engine, {args.rounds} rounds (median; first round dropped). " + load_note(load_start),
         "",
         "| path | output tok/s (median) | vs in-process (median of per-round ratios) |",
         "|---|---|---|",

@@ -214,6 +214,9 @@ def main() -> None:
     if args.kv_tokens is None:
         tail = args.question_tokens + args.max_new + 16
         args.kv_tokens = args.systems * args.system_tokens // 2 + args.max_running * tail
+    from benchmarks._report import load_note
+
+    load_start = os.getloadavg()[0]
     rows = [row for n in args.engines for row in one_size(n, args)]
     body = (
         f"Default model (SmolLM2-135M fp32) on CPU, greedy, {args.max_new} new tokens per "
@@ -226,8 +229,10 @@ def main() -> None:
         "the engines' own `prefix_cache` counters over the workload (hit / looked-up prompt "
         "tokens, per admission); prefill saved = 1 - tokens prefilled / prompt tokens (a "
         "retracted request's recomputation counts against it). Same engines for every "
-        "policy (caches flushed between), one run each; the machine was shared with other jobs, "
-        "so tok/s is noisy.\n\n" + table(rows)
+        "policy (caches flushed between), one run each. "
+        + load_note(load_start)
+        + "\n\n"
+        + table(rows)
     )
     print(body)
     if not args.no_report:

@@ -102,9 +102,9 @@ def main() -> None:
         f"| wall | {median:.1f} | {p99:.1f} | {mean:.1f} |\n"
         f"| this thread's CPU | {cpu_median:.1f} | {cpu_p99:.1f} | {cpu_mean:.1f} |\n\n"
         f"Of which hashing the prompt's pages: {hash_us:.1f} µs (median). Target: < 1000 µs "
-        f"per decision at 10k cached prefixes. Decisions: {dict(policy.decisions)}. The "
-        f"machine was shared with other jobs (load average {os.getloadavg()[0]:.1f} on "
-        f"{os.cpu_count()} cores): the wall-clock tail is preemption, the CPU column is not."
+        f"per decision at 10k cached prefixes. Decisions: {dict(policy.decisions)}. Load "
+        f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: under load the wall-clock "
+        "tail is preemption, the CPU column is not."
     )
     write_section("Cache-aware router decision cost", body)
 

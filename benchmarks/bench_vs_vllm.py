@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._peers import run_vllm, vllm_python  # noqa: E402
-from benchmarks._report import write_section  # noqa: E402
+from benchmarks._report import load_note, write_section  # noqa: E402
 from engine_core import Engine  # noqa: E402
 from engine_core.default_model import ensure_default_model  # noqa: E402
 
@@ -162,9 +162,9 @@ def report(columns: dict[str, dict], works: list[dict], args, note: str, load_st
     return (
         f"{note}SmolLM2-135M fp32, greedy, exactly {args.new_tokens} new tokens, distinct "
         "prompts (96 tokens; GRPO = 8 prompts x n=8 of 256), every system measured in this "
-        f"run, one after the other. Load average {load_start:.1f} at the start, "
-        f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores (other jobs on the "
-        "machine make absolute numbers noisy; compare within the run).\n\n"
+        "run, one after the other. "
+        + load_note(load_start)
+        + "\n\n"
         + "\n".join(rows)
         + f"\n\nLoad to first token: {load}. Our peak RSS: {ours['peak_rss_gib']:.2f} GiB; "
         f"retractions: {ours['retractions']}."
