@@ -4,9 +4,11 @@ Two workloads, each run once per policy in the same run, on the same engine acto
 prefix caches are flushed between policies, each policy gets its own ``RolloutDriver``):
 
 - **shared prefix**: ``--systems`` system prompts of ``--system-tokens`` tokens, each followed
-  by ``--questions`` questions of ``--question-tokens`` tokens, all arriving interleaved (a
-  seeded shuffle) in one rollout call. Each engine's KV (``--kv-tokens``) holds fewer than all
-  the system prompts, so where a prefix is sent decides whether it is still cached.
+  by ``--questions`` questions of ``--question-tokens`` tokens, arriving interleaved (a seeded
+  shuffle): one request at a time with ``--in-flight`` per engine (``--arrival stream``, the
+  default) or all in one rollout call (``--arrival batch``). Each engine's KV holds
+  ``1/engines`` of the system prompts (plus the running tails), so where a prefix is sent
+  decides whether it is still cached.
 - **conversations**: ``--conversations`` multi-turn conversations of ``--turns`` turns; each
   turn of every conversation is one prompt of the next rollout call (history + the previous
   answer + ``--turn-tokens`` new tokens; the conversations' order is shuffled every turn),
@@ -61,9 +63,32 @@ def params(args) -> dict[str, Any]:
     return {"temperature": 0, "max_new_tokens": args.max_new, "ignore_eos": True}
 
 
-def run_shared(driver, args, prompts) -> tuple[list[dict], float]:
+def run_shared(driver, args, prompts, num_engines: int) -> tuple[list[dict], float]:
+    """``--arrival batch``: every prompt in one rollout call. ``stream``: one call per prompt,
+    in arrival order, ``--in-flight`` per engine at a time (a new one as each finishes), so an
+    engine only ever sees what has arrived -- its scheduler cannot regroup the whole workload
+    by prefix, and where the router sends each request decides what is still cached."""
     start = time.perf_counter()
-    outs = ray.get(driver.generate.remote(input_ids=prompts, sampling_params=params(args)))
+    if args.arrival == "batch":
+        outs = ray.get(driver.generate.remote(input_ids=prompts, sampling_params=params(args)))
+        return outs, time.perf_counter() - start
+    outs: list[dict] = [{}] * len(prompts)
+    pending: dict[Any, int] = {}
+    order = iter(enumerate(prompts))
+
+    def submit() -> None:
+        nxt = next(order, None)
+        if nxt is not None:
+            ref = driver.generate.remote(input_ids=[nxt[1]], sampling_params=params(args))
+            pending[ref] = nxt[0]
+
+    for _ in range(args.in_flight * num_engines):
+        submit()
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            outs[pending.pop(ref)] = ray.get(ref)[0]
+            submit()
     return outs, time.perf_counter() - start
 
 
@@ -113,11 +138,23 @@ def measure(outs: list[dict], wall: float, before, after) -> dict[str, float]:
     }
 
 
+def kv_tokens(args, num_engines: int) -> int:
+    """KV tokens per engine: ``1/num_engines`` of the system prompts plus the running tails
+    (or ``--kv-tokens``). The prefixes fit only when each engine keeps its own share, so the
+    steady-state hit-rate bound over round robin is ``num_engines``x (the issue's "2x with 2
+    engines")."""
+    if args.kv_tokens is not None:
+        return args.kv_tokens
+    tail = args.question_tokens + args.max_new + 16
+    running = args.max_running if args.arrival == "batch" else args.in_flight
+    return args.systems * args.system_tokens // num_engines + running * tail
+
+
 def one_size(num_engines: int, args) -> list[dict[str, Any]]:
     threads = max(1, (os.cpu_count() or 1) // num_engines)
     engine = {
         "device": "cpu",
-        "max_total_tokens": args.kv_tokens,
+        "max_total_tokens": kv_tokens(args, num_engines),
         "max_running_requests": args.max_running,
         "num_threads": threads,
     }
@@ -151,7 +188,8 @@ def one_size(num_engines: int, args) -> list[dict[str, Any]]:
                 )
                 before = cache_counters(service.engines)
                 if workload == "shared prefix":
-                    outs, wall = run_shared(driver, args, shared_prefix(args, random.Random(1)))
+                    prompts = shared_prefix(args, random.Random(1))
+                    outs, wall = run_shared(driver, args, prompts, num_engines)
                 else:
                     outs, wall = run_conversations(driver, args, seed=2)
                 results[policy] = measure(outs, wall, before, cache_counters(service.engines))
@@ -205,27 +243,33 @@ def main() -> None:
         "--kv-tokens",
         type=int,
         default=None,
-        help="KV tokens per engine (default: half the system prompts plus the running tails)",
+        help="KV tokens per engine (default: 1/engines of the system prompts + running tails)",
     )
+    ap.add_argument("--arrival", choices=("stream", "batch"), default="stream")
+    ap.add_argument("--in-flight", type=int, default=8, help="stream: requests per engine")
     ap.add_argument("--model-path", default=None, help="default: the embedded default model")
     ap.add_argument("--vocab", type=int, default=40000, help="token ids drawn below this")
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args()
-    if args.kv_tokens is None:
-        tail = args.question_tokens + args.max_new + 16
-        args.kv_tokens = args.systems * args.system_tokens // 2 + args.max_running * tail
     from benchmarks._report import load_note
 
     load_start = os.getloadavg()[0]
     rows = [row for n in args.engines for row in one_size(n, args)]
+    kv = ", ".join(f"{n} engines: {kv_tokens(args, n)}" for n in args.engines)
+    arrival = (
+        "arriving shuffled in one rollout call"
+        if args.arrival == "batch"
+        else f"arriving shuffled one request at a time, {args.in_flight} in flight per engine"
+    )
     body = (
         f"Default model (SmolLM2-135M fp32) on CPU, greedy, {args.max_new} new tokens per "
-        f"prompt, KV {args.kv_tokens} tokens per engine (fewer than the {args.systems} system "
-        f"prompts need together), max_running_requests {args.max_running}. Shared prefix: "
+        f"prompt, KV tokens per engine ({kv}) = 1/engines of the {args.systems} system "
+        f"prompts + the running tails, max_running_requests {args.max_running}. Shared prefix: "
         f"{args.systems} system prompts x {args.system_tokens} tokens x {args.questions} "
-        f"questions of {args.question_tokens} tokens, arriving shuffled in one call. "
+        f"questions of {args.question_tokens} tokens, {arrival}. "
         f"Conversations: {args.conversations} x {args.turns} turns ({args.first_tokens}-token "
-        f"start, +{args.turn_tokens} tokens a turn, session_id per conversation). Hit rate = "
+        f"start, +{args.turn_tokens} tokens a turn, session_id per conversation, each turn one "
+        "call). Hit rate = "
         "the engines' own `prefix_cache` counters over the workload (hit / looked-up prompt "
         "tokens, per admission); prefill saved = 1 - tokens prefilled / prompt tokens (a "
         "retracted request's recomputation counts against it). Same engines for every "
