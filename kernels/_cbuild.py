@@ -24,7 +24,7 @@ def _cache_dir() -> str:
     return os.path.join(base, "rl-rollout", "kernels")
 
 
-def _build(source: str, target: str) -> None:
+def _build(source: str, target: str, flags: list[str]) -> None:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc/gcc) on PATH")
@@ -33,7 +33,7 @@ def _build(source: str, target: str) -> None:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *FLAGS, source, "-o", tmp, "-lm"],
+            [compiler, *flags, source, "-o", tmp, "-lm"],
             check=True,
             capture_output=True,
             text=True,
@@ -44,15 +44,17 @@ def _build(source: str, target: str) -> None:
             os.remove(tmp)
 
 
-def load(name: str) -> ctypes.CDLL | None:
-    """``csrc/<name>.c`` as a loaded library, or None when it cannot be built here."""
+def load(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """``csrc/<name>.c`` as a loaded library, or None when it cannot be built here.
+    ``extra_flags`` are added to ``FLAGS`` for this source (e.g. ``-ffp-contract=off``)."""
     source = os.path.join(CSRC, f"{name}.c")
+    flags = [*FLAGS, *extra_flags]
     with open(source, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join(FLAGS).encode() + platform.machine().encode())
+        key = hashlib.sha256(f.read() + " ".join(flags).encode() + platform.machine().encode())
     target = os.path.join(_cache_dir(), f"{name}_{key.hexdigest()[:16]}.so")
     try:
         if not os.path.exists(target):
-            _build(source, target)
+            _build(source, target, flags)
         return ctypes.CDLL(target)
     except (OSError, subprocess.CalledProcessError):
         return None

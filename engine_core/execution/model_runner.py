@@ -12,6 +12,7 @@ from engine_core.config import EngineConfig
 from engine_core.errors import ModelLoadError
 from engine_core.execution.sampler import sample_step
 from engine_core.layers.attention import choose_backend
+from engine_core.layers.elementwise import choose_elementwise
 from engine_core.layers.sharded import WeightOwner
 from engine_core.model_config import ModelConfig
 from engine_core.models.llama import ModelOps
@@ -47,9 +48,11 @@ def build_model(
     narrow = config.weight_dtype == "bfloat16"
     if narrow:
         linear, matmul = _bf16_weight_linear(dtype, config.deterministic)
+    elementwise = choose_elementwise(device, dtype, config.deterministic)
     model_class = ARCHITECTURES[model_cfg.architecture].model_class
     with torch.device(device):
-        model = model_class(model_cfg, tp, context_length, ModelOps(attention, linear))
+        ops = ModelOps(attention, linear, elementwise)
+        model = model_class(model_cfg, tp, context_length, ops)
     model = model.to(dtype).eval()
     if narrow:
         store_matrices_in_bf16(model)

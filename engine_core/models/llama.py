@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine_core.layers.attention import PagedAttention
+from engine_core.layers.elementwise import TORCH, Elementwise, split_qkv
 from engine_core.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine_core.layers.linear import (
     LinearFn,
@@ -40,10 +41,12 @@ PACKED: dict[str, tuple[str, object]] = {
 @dataclass(frozen=True)
 class ModelOps:
     """Ops chosen once per engine: the matmul (deterministic mode swaps in a batch-invariant
-    one) and the attention backend (``layers.attention.choose_backend``)."""
+    one), the attention backend (``layers.attention.choose_backend``) and the elementwise ops
+    (``layers.elementwise.choose_elementwise``)."""
 
     attention: Any
     linear: LinearFn = F.linear
+    elementwise: Elementwise = TORCH
 
 
 class Attention(nn.Module):
@@ -60,6 +63,7 @@ class Attention(nn.Module):
         )
         self.heads, self.kv_heads = self.qkv_proj.local_heads, self.qkv_proj.local_kv_heads
         self.head_dim = cfg.head_dim
+        self.elementwise = be.elementwise
         self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, False, tp, be.linear)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
@@ -70,15 +74,12 @@ class Attention(nn.Module):
         )
 
     def forward(self, rope: RopeTables, x: torch.Tensor, meta):
-        tokens = x.shape[0]
-        q_len, kv_len = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_len, kv_len, kv_len], dim=-1)
-        q = q.reshape(tokens, self.heads, self.head_dim)
-        k = k.reshape(tokens, self.kv_heads, self.head_dim)
-        v = v.reshape(tokens, self.kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(rope, q, k)
+        qkv = self.qkv_proj(x)
+        if self.qk_norm:  # the norms come between the projection and RoPE
+            q, k, v = split_qkv(qkv, self.heads, self.kv_heads, self.head_dim)
+            q, k = apply_rope(rope, self.q_norm(q), self.k_norm(k))
+        else:
+            q, k, v = self.elementwise.rope_qkv(rope, qkv, self.heads, self.kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -90,23 +91,24 @@ class MLP(nn.Module):
             cfg.hidden_size, [inter, inter], False, tp, be.linear
         )
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, False, tp, be.linear)
+        self.elementwise = be.elementwise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.elementwise.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPContext, be: ModelOps):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, be.elementwise)
         self.self_attn = Attention(cfg, tp, be)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, be.elementwise)
         self.mlp = MLP(cfg, tp, be)
 
     def forward(self, rope: RopeTables, x, meta):
-        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(rope, self.input_layernorm(x), meta)
+        x, h = self.post_attention_layernorm.add_norm(x, attended)
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):
@@ -117,7 +119,7 @@ class LlamaModel(nn.Module):
             cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling
         )
         self.layers = nn.ModuleList(DecoderLayer(cfg, tp, be) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, be.elementwise)
 
     def forward(self, ids, positions, meta):
         # The residual stream is in the norms' dtype (matrices may be stored narrower).
