@@ -48,7 +48,7 @@ def build_model(
     narrow = config.weight_dtype == "bfloat16"
     if narrow:
         linear, matmul = _bf16_weight_linear(dtype, config.deterministic)
-    elementwise = choose_elementwise(device, dtype, config.deterministic)
+    elementwise = choose_elementwise(device, dtype)
     model_class = ARCHITECTURES[model_cfg.architecture].model_class
     with torch.device(device):
         ops = ModelOps(attention, linear, elementwise)

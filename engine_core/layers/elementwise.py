@@ -6,8 +6,10 @@ the fused qkv output), chosen once per engine like the matmul and the attention 
   tensors, torch for anything else. RoPE is bitwise torch's; the norms and SiLU are within a
   few ulp of it (another summation order, a polynomial exp), batch invariant either way.
 
-Deterministic mode keeps ``TorchElementwise``: the trainer's ``PolicyModel`` runs the same
-formulas with autograd, and its logprobs must equal the engine's bit for bit.
+Both are batch invariant (each row computed alone, in a fixed order), so deterministic mode
+uses the fused ops too; the trainer's ``PolicyModel`` runs the same kernels forward, with the
+torch formulas' gradients (``training.autograd_elementwise``), so its logprobs stay the
+engine's bit for bit.
 """
 
 from __future__ import annotations
@@ -99,9 +101,9 @@ class CpuFusedElementwise:
 TORCH = TorchElementwise()
 
 
-def choose_elementwise(device: torch.device, dtype: torch.dtype, deterministic: bool):
-    """Fused C ops for fp32 on CPU in default mode where they build; torch otherwise."""
-    if device.type != "cpu" or dtype != torch.float32 or deterministic:
+def choose_elementwise(device: torch.device, dtype: torch.dtype):
+    """Fused C ops for fp32 on CPU where they build; torch otherwise."""
+    if device.type != "cpu" or dtype != torch.float32:
         return TORCH
     from kernels import cpu_fused
 

@@ -19,12 +19,14 @@ from torch import nn
 
 from engine_core.config import EngineConfig
 from engine_core.execution.model_runner import _deterministic_linear, resolve_dtype
+from engine_core.layers.elementwise import choose_elementwise
 from engine_core.layers.sharded import WeightOwner
 from engine_core.model_config import load_model_config
 from engine_core.models.llama import ModelOps
 from engine_core.models.registry import ARCHITECTURES
 from engine_core.parallel import TPContext
 from engine_core.training import autograd_ops as ops
+from engine_core.training.autograd_elementwise import differentiable_elementwise
 from engine_core.weights.loader import hf_name, hf_names, iter_checkpoint, load_weights
 
 
@@ -63,7 +65,11 @@ class PolicyModel(nn.Module):
                 model_cfg,
                 TPContext(),
                 model_cfg.max_position_embeddings,
-                ModelOps(attention, ops.differentiable_linear(linear)),
+                ModelOps(
+                    attention,
+                    ops.differentiable_linear(linear),
+                    differentiable_elementwise(choose_elementwise(self.device, self.dtype)),
+                ),
             ).to(self.dtype)
         load_weights(self.model, iter_checkpoint(model_dir), require_complete=True)
         self._unfuse()

@@ -108,11 +108,10 @@ def test_fused_elementwise_agrees_with_torch_and_falls_back():
     assert torch.equal(fused.silu_mul(bf), plain.silu_mul(bf))
 
 
-def test_engines_choose_fused_ops_only_for_default_mode_fp32_cpu():
+def test_engines_choose_fused_ops_only_for_fp32_cpu():
     from engine_core.layers.elementwise import TORCH, choose_elementwise
 
     cpu = torch.device("cpu")
-    assert isinstance(choose_elementwise(cpu, torch.float32, False), CpuFusedElementwise)
-    assert choose_elementwise(cpu, torch.float32, True) is TORCH  # PolicyModel's formulas
-    assert choose_elementwise(cpu, torch.bfloat16, False) is TORCH
-    assert choose_elementwise(torch.device("meta"), torch.float32, False) is TORCH
+    assert isinstance(choose_elementwise(cpu, torch.float32), CpuFusedElementwise)
+    assert choose_elementwise(cpu, torch.bfloat16) is TORCH
+    assert choose_elementwise(torch.device("meta"), torch.float32) is TORCH
