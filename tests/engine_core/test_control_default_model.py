@@ -44,7 +44,9 @@ with Engine(path, device="cpu", sleep_on_idle_s=2.0, sleep_on_idle_weights=True)
     after = e.generate(P, G)
     r["awake_request_s"] = time.perf_counter() - t
     r["same_after_resume"] = [o["output_ids"] for o in after] == [o["output_ids"] for o in before]
-    time.sleep(3.0)
+    deadline = time.monotonic() + 30.0  # idle 2 s, then the release itself (~1 s, more when slow)
+    while not e.get_server_info()["memory"]["asleep_on_idle"] and time.monotonic() < deadline:
+        time.sleep(0.1)
     r["asleep"] = e.get_server_info()["memory"]["asleep_on_idle"]
     r["asleep_mb"] = process_tree_rss() / MB
     t = time.perf_counter()
