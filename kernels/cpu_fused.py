@@ -25,7 +25,7 @@ from kernels._cbuild import load
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "rms_norm_f32": [_P, _P, _P, _I, _I, _I, _F],
+    "rms_norm_f32": [_P, _P, _P, _I, _I, _F],
     "add_rms_norm_f32": [_P, _P, _P, _P, _P, _I, _I, _F],
     "silu_mul_f32": [_P, _P, _I, _I],
     "rope_qk_f32": [_P, _P, _P, _I, _I, _I, _I, _I],
@@ -57,9 +57,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dim = x.shape[-1]
     out = torch.empty_like(x)
     w = weight.contiguous()
-    _library().rms_norm_f32(
-        x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // dim, dim, dim, eps
-    )
+    _library().rms_norm_f32(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps)
     return out
 
 

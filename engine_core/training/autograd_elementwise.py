@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine_core.layers.elementwise import TORCH, Elementwise, TorchElementwise, split_qkv
+from engine_core.layers.elementwise import Elementwise, TorchElementwise, split_qkv
 
 
 class _KernelForward(torch.autograd.Function):
@@ -80,4 +80,4 @@ class DifferentiableElementwise:
 
 def differentiable_elementwise(ew: Elementwise) -> Elementwise:
     """``ew`` with gradients (the torch formulas are differentiable as they are)."""
-    return ew if isinstance(ew, TorchElementwise) or ew is TORCH else DifferentiableElementwise(ew)
+    return ew if isinstance(ew, TorchElementwise) else DifferentiableElementwise(ew)

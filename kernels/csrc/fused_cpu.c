@@ -12,7 +12,7 @@
  * formula (built with -ffp-contract=off: GCC would otherwise fuse a mul and an add into one
  * FMA, rounding once instead of twice), so it equals torch bit for bit.
  *
- * Layouts: rows of ``dim`` contiguous floats, consecutive rows ``stride`` floats apart.
+ * Layouts: contiguous rows of ``dim`` floats; RoPE's qkv rows are ``stride`` floats apart.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -51,10 +51,9 @@ static inline void norm_row(const float *x, const float *w, float *y, int64_t di
     for (; i < dim; i++) y[i] = w[i] * (x[i] * inv);
 }
 
-int rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t dim,
-                 int64_t x_stride, float eps) {
+int rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t dim, float eps) {
 #pragma omp parallel for schedule(static) if (rows * dim >= PARALLEL_MIN)
-    for (int64_t r = 0; r < rows; r++) norm_row(x + r * x_stride, w, y + r * dim, dim, eps);
+    for (int64_t r = 0; r < rows; r++) norm_row(x + r * dim, w, y + r * dim, dim, eps);
     return 0;
 }
 
