@@ -5,7 +5,8 @@ is given. A fixed budget either wastes memory or makes n-sample rollouts retract
 share of what is available adapts to the host, and the caps keep several engines on one
 machine (tests start several) from each claiming most of it:
 
-- at most ``DEFAULT_KV_FRACTION`` of the available memory, minus the weights;
+- at most ``DEFAULT_KV_FRACTION`` of the available memory, minus the weights (and their packed
+  copy where the matmul keeps one);
 - at most ``DEFAULT_KV_CAP_BYTES`` per engine;
 - at most the KV of ``max_running_requests`` full-context sequences (more is never used);
 - at least ``DEFAULT_KV_FLOOR_BYTES`` (a small host still gets a usable engine).
@@ -28,10 +29,13 @@ def default_kv_budget_bytes(config: Any, model_cfg: Any, context_length: int) ->
     import torch
 
     from engine_core import sglang_args
-    from engine_core.execution.model_runner import resolve_dtype
+    from engine_core.execution.model_runner import packs_weights, resolve_dtype
 
-    elem = torch.empty(0, dtype=resolve_dtype(config, model_cfg)).element_size()
+    dtype = resolve_dtype(config, model_cfg)
+    elem = torch.empty(0, dtype=dtype).element_size()
     weights = sglang_args.checkpoint_numel(config.model_path) * elem
+    if packs_weights(config, dtype):
+        weights *= 2  # the packed copy of the matrices (layers.packed_linear)
     available = sglang_args.available_memory_bytes(config.device)
     per_token = 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim * elem
     useful = config.max_running_requests * context_length * per_token

@@ -1,11 +1,13 @@
 """CPU linear layer in C (``csrc/linear_cpu.c``): ``y = x @ weight.T (+ bias)`` with fp32
 activations, fp32 or bf16 weights and fp32 accumulation.
 
-Contract: row ``r`` of the output is bitwise independent of the other rows of ``x``, of the
-number of rows and of the thread count (the C file says why), and each output is the same
-function of its row of ``x`` and of ``weight`` in every call. It is not bitwise equal to
-``F.linear`` (another summation order); ``tests/kernels/test_cpu_linear.py`` checks it against
-a float64 reference and checks the invariance.
+Weights are packed once into column panels (``pack``) and reused (``packed_linear``);
+``linear`` packs per call. Contract: row ``r`` of the output is bitwise independent of the
+other rows of ``x``, of the number of rows and of the thread count (the C file says why), and
+each output is the same function of its row of ``x`` and of ``weight`` in every call, packed
+once or per call. It is not bitwise equal to ``F.linear`` (another summation order);
+``tests/kernels/test_cpu_linear.py`` checks it against a float64 reference and checks the
+invariance.
 
 Built by ``kernels._cbuild``; ``available()`` is False where it cannot be (no compiler, no
 AVX2/FMA), and callers use torch instead.
@@ -15,16 +17,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kernels._cbuild import load
 
-# Up to this many rows the C kernel beats MKL's sgemm on the default model's shapes: the 121
-# GEMMs of one step, cold weights, 2 cores (AVX2): 0.53x MKL's time at 1 row, 0.67x at 8, 0.81x
-# at 32, even at 48, slower from 64 (docs/PERFORMANCE.md).
-SMALL_ROWS = 32
+PANEL = 16  # outputs per packed panel (csrc/linear_cpu.c)
+
+# Up to this many rows the packed C kernel beats MKL's sgemm on the default model's shapes (2
+# cores, AVX2; docs/PERFORMANCE.md); above it, in default mode, prefill goes to the BLAS.
+SMALL_ROWS = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,10 +35,13 @@ def _library() -> ctypes.CDLL | None:
     lib = load("linear_cpu")
     if lib is None:
         return None
-    for name in ("f32w_linear", "bf16w_linear"):
-        fn = getattr(lib, name)
+    for prefix in ("f32w", "bf16w"):
+        fn = getattr(lib, f"{prefix}_packed_linear")
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+        fn = getattr(lib, f"{prefix}_pack")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     return lib
 
 
@@ -54,23 +60,57 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` [..., K] fp32, ``weight`` [N, K] fp32 or bf16, ``bias`` [N] or None: [..., N] fp32."""
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight [N, K] as column panels [ceil(N / 16), K, 16] (outputs past N are zero)."""
+
+    panels: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.panels.nbytes
+
+
+def pack(weight: torch.Tensor, into: PackedWeight | None = None) -> PackedWeight:
+    """``weight`` [N, K] (fp32 or bf16, CPU) in the kernel's panel layout, same dtype;
+    written over ``into``'s panels when given (same shape and dtype: a repack allocates
+    nothing)."""
     lib = _library()
     assert lib is not None, "C kernel unavailable; check available() first"
-    assert supports(x, weight), (x.dtype, weight.dtype, x.device, weight.device)
+    assert weight.device.type == "cpu" and weight.dim() == 2, (weight.device, weight.shape)
+    assert weight.dtype in (torch.float32, torch.bfloat16), weight.dtype
+    n, k = weight.shape
+    w = weight.detach().contiguous()
+    shape = (-(-n // PANEL), k, PANEL)
+    if into is not None:
+        assert into.panels.shape == shape and into.panels.dtype == w.dtype, "pack shape changed"
+    panels = torch.empty(shape, dtype=w.dtype) if into is None else into.panels
+    fn = lib.f32w_pack if w.dtype == torch.float32 else lib.bf16w_pack
+    fn(w.data_ptr(), panels.data_ptr(), n, k)
+    return PackedWeight(panels, n, k)
+
+
+def packed_linear(
+    x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x`` [..., K] fp32 times a packed weight, plus ``bias`` [N]: [..., N] fp32."""
+    lib = _library()
+    assert lib is not None, "C kernel unavailable; check available() first"
+    assert x.device.type == "cpu" and x.dtype == torch.float32, (x.device, x.dtype)
     *lead, k = x.shape
-    n = weight.shape[0]
-    assert weight.shape[1] == k, f"x has {k} features, weight {tuple(weight.shape)}"
+    n = weight.out_features
+    assert weight.in_features == k, f"x has {k} features, weight {n}x{weight.in_features}"
     x2 = x.reshape(-1, k).contiguous()
-    w = weight.contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
     out = torch.empty((x2.shape[0], n), dtype=torch.float32)
-    fn = lib.f32w_linear if w.dtype == torch.float32 else lib.bf16w_linear
+    panels = weight.panels
+    fn = lib.f32w_packed_linear if panels.dtype == torch.float32 else lib.bf16w_packed_linear
     if x2.shape[0]:
         fn(
             x2.data_ptr(),
-            w.data_ptr(),
+            panels.data_ptr(),
             None if b is None else b.data_ptr(),
             out.data_ptr(),
             x2.shape[0],
@@ -80,12 +120,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.reshape(*lead, n)
 
 
-def small_rows_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``linear`` for decode-sized inputs (at most ``SMALL_ROWS`` rows), ``F.linear`` above:
-    the engine's default mode on CPU (not batch invariant, as ``F.linear`` is not)."""
-    rows = x.numel() // max(1, x.shape[-1])
-    if rows <= SMALL_ROWS and supports(x, weight):
-        return linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [..., K] fp32, ``weight`` [N, K] fp32 or bf16, ``bias`` [N] or None: [..., N] fp32.
+
+    Packs ``weight`` on every call (one extra pass over it): for weights that change each call
+    (a trainer's). Engines keep packed weights (``engine_core.layers.packed_linear``); both give
+    the same bits.
+    """
+    assert supports(x, weight), (x.dtype, weight.dtype, x.device, weight.device)
+    return packed_linear(x, pack(weight), bias)

@@ -95,8 +95,13 @@ class RankMemory:
     """Release/restore of one rank's weights and KV cache. Each method returns or raises on
     this rank only; the engine keeps the engine-wide state (``control.engine_memory``)."""
 
-    def __init__(self, model: torch.nn.Module, kv: Any, device: torch.device, refit: Any):
+    def __init__(
+        self, model: torch.nn.Module, kv: Any, device: torch.device, refit: Any, packed: Any
+    ):
         self.model = model
+        # layers.packed_linear.PackedLinear or None: its packs are released and rebuilt with
+        # the weights they derive from.
+        self.packed = packed
         self.kv = kv  # execution.kv_cache.KVCache
         self.device = device
         self.refit = refit  # weights.rank_refit.RankRefit: its staging buffers go with weights
@@ -106,6 +111,8 @@ class RankMemory:
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds in weights and KV cache now."""
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.packed is not None:
+            weights += self.packed.nbytes
         return {"weights": weights, "kv_cache": self.kv.nbytes()}
 
     # ---- KV cache ----
@@ -123,7 +130,8 @@ class RankMemory:
             return 0  # already released
         if host_copy and self.device.type != "cuda":
             raise ValueError("a host copy of CPU weights frees nothing; use host_copy=False")
-        shapes, host, freed = {}, {}, 0
+        shapes, host = {}, {}
+        freed = self.packed.release() if self.packed is not None else 0
         counted = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         for name, param in self.model.named_parameters():
             shapes[name] = param.shape
@@ -163,7 +171,11 @@ class RankMemory:
                 if checkpoint is None:
                     raise ValueError("resume from a checkpoint needs its path")
                 load_weights(self.model, iter_checkpoint(checkpoint), require_complete=True)
+            if source != "empty" and self.packed is not None:
+                self.packed.refresh(self.model)  # "empty": the refit that fills them repacks
         except BaseException:
+            if self.packed is not None:
+                self.packed.release()
             for param in params.values():
                 param.data = _drop(param.data)
             return_freed_memory(self.device)

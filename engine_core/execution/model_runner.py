@@ -13,6 +13,7 @@ from engine_core.errors import ModelLoadError
 from engine_core.execution.sampler import sample_step
 from engine_core.layers.attention import choose_backend
 from engine_core.layers.elementwise import choose_elementwise
+from engine_core.layers.packed_linear import PackedLinear
 from engine_core.layers.sharded import WeightOwner
 from engine_core.model_config import ModelConfig
 from engine_core.models.llama import ModelOps
@@ -37,40 +38,58 @@ def build_model(
     tp: TPContext,
     context_length: int,
     dtype: torch.dtype,
-) -> tuple[torch.nn.Module, object, str]:
-    """The architecture's model (weights not loaded), its attention backend, and how its
-    matmul is batch-invariant in deterministic mode (``"off"`` otherwise)."""
+) -> tuple[torch.nn.Module, object, str, PackedLinear | None]:
+    """The architecture's model (weights not loaded), its attention backend, how its matmul is
+    batch-invariant in deterministic mode (``"off"`` otherwise), and the packed-weight matmul
+    when it uses one (its owner repacks after every weight write: ``execution.rank``)."""
     device = torch.device(config.device)
     attention = choose_backend(device, dtype, config.deterministic)
-    linear, matmul = default_linear(device, dtype), "off"
-    if config.deterministic:
-        linear, matmul = _deterministic_linear(model_cfg, tp.size, dtype, device)
-    narrow = config.weight_dtype == "bfloat16"
-    if narrow:
-        linear, matmul = _bf16_weight_linear(dtype, config.deterministic)
+    linear, matmul = engine_linear(config, model_cfg, tp.size, dtype)
     elementwise = choose_elementwise(device, dtype)
     model_class = ARCHITECTURES[model_cfg.architecture].model_class
     with torch.device(device):
         ops = ModelOps(attention, linear, elementwise)
         model = model_class(model_cfg, tp, context_length, ops)
     model = model.to(dtype).eval()
-    if narrow:
+    if config.weight_dtype == "bfloat16":
         store_matrices_in_bf16(model)
-    return model, attention, matmul
+    return model, attention, matmul, linear if isinstance(linear, PackedLinear) else None
 
 
-def _bf16_weight_linear(dtype: torch.dtype, deterministic: bool):
-    """bf16-stored weights, fp32 compute: the C kernel for every batch size (it reads bf16
-    weights directly and is row-invariant, so deterministic mode keeps its guarantee)."""
+def packs_weights(config: EngineConfig, dtype: torch.dtype) -> bool:
+    """Whether the engine's matmul keeps a packed copy of the matrices (CPU, fp32 compute,
+    the C kernel built): the KV budget counts that copy."""
     from kernels import cpu_linear
 
-    if dtype != torch.float32 or not cpu_linear.available():
+    return config.device == "cpu" and dtype == torch.float32 and cpu_linear.available()
+
+
+def engine_linear(config: EngineConfig, model_cfg: ModelConfig, tp_size: int, dtype: torch.dtype):
+    """The engine's matmul and how it is batch-invariant (``"off"`` in default mode).
+
+    On CPU in fp32 with the C kernel built: packed weights, the kernel for decode-sized
+    batches and the BLAS for prefill in default mode, the kernel at every size in
+    deterministic mode (row-invariant by construction). bf16-stored weights need the kernel.
+    """
+    device = torch.device(config.device)
+    narrow = config.weight_dtype == "bfloat16"
+    if narrow and not packs_weights(config, dtype):
         raise ModelLoadError(
             "weight_dtype='bfloat16' needs float32 compute and the C linear kernel "
             "(a C compiler and an AVX2/FMA CPU)"
         )
-    label = "C kernel, bf16 weights (row-invariant by construction)"
-    return cpu_linear.linear, label if deterministic else "off"
+    if packs_weights(config, dtype):
+        from kernels import cpu_linear
+
+        if narrow:
+            label = "C kernel, bf16 weights (row-invariant by construction)"
+            return PackedLinear(None), label if config.deterministic else "off"
+        if config.deterministic:
+            return PackedLinear(None), "C kernel (row-invariant by construction)"
+        return PackedLinear(cpu_linear.SMALL_ROWS), "off"
+    if config.deterministic:
+        return _deterministic_linear(model_cfg, tp_size, dtype, device)
+    return torch.nn.functional.linear, "off"
 
 
 def store_matrices_in_bf16(model: torch.nn.Module) -> None:
@@ -80,16 +99,6 @@ def store_matrices_in_bf16(model: torch.nn.Module) -> None:
         weight = getattr(module, "weight", None)
         if isinstance(module, WeightOwner) and weight is not None and weight.dim() == 2:
             weight.data = weight.data.to(torch.bfloat16)
-
-
-def default_linear(device: torch.device, dtype: torch.dtype):
-    """Default mode's matmul: on CPU in fp32 the C kernel for decode-sized batches (BLAS runs
-    far below memory bandwidth there), the BLAS for the rest; ``F.linear`` elsewhere."""
-    from kernels import cpu_linear
-
-    if device.type == "cpu" and dtype == torch.float32 and cpu_linear.available():
-        return cpu_linear.small_rows_linear
-    return torch.nn.functional.linear
 
 
 def _deterministic_linear(mc: ModelConfig, tp: int, dtype: torch.dtype, device: torch.device):

@@ -60,15 +60,16 @@ class Rank:
         self.tp = tp or TPContext()
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config, model_cfg)
-        self.model, attention, self.deterministic_matmul = build_model(
+        self.model, attention, self.deterministic_matmul, self.packed = build_model(
             config, model_cfg, self.tp, context_length, self.dtype
         )
         load_weights(self.model, iter_checkpoint(config.model_path), require_complete=True)
+        self._repack()  # before the KV cache takes its share of memory
         self._staged: StagedWeights | None = None
         self.kv = KVCache(self.model, config, model_cfg, self.dtype, self.device)
         self.runner = ModelRunner(self.model, attention, config.page_size, self.device, self.tp)
         self.refit = RankRefit(self, config.model_path)
-        self.memory = RankMemory(self.model, self.kv, self.device, self.refit)
+        self.memory = RankMemory(self.model, self.kv, self.device, self.refit, self.packed)
 
     def info(self) -> RankInfo:
         return RankInfo(
@@ -111,8 +112,14 @@ class Rank:
         staged, self._staged = self._staged, None
         assert staged is not None, "commit_weights without stage_weights"
         count = staged.commit()
+        self._repack()
         self.refit.after_commit(self.config.keep_refit_staging)
         return count
+
+    def _repack(self) -> None:
+        """The packed matmul's copies follow every write of the parameters."""
+        if self.packed is not None:
+            self.packed.refresh(self.model)
 
     def discard_weights(self) -> None:
         self._staged = None

@@ -1,110 +1,187 @@
 /*
- * y = x @ w.T (+ b) on CPU with fp32 activations and fp32 or bf16 weights, fp32 accumulation.
+ * y = x @ w.T (+ b) on CPU with fp32 activations and fp32 or bf16 weights, fp32 accumulation,
+ * on weights packed once into column panels.
  *
- * Why: at decode batch sizes the step reads every weight once, and BLAS sgemm/sgemv at M of
- * 1..32 on these thin shapes runs far below the memory bandwidth. This kernel streams each
- * weight row once per block of rows of x and keeps the partial sums in registers.
+ * Why: at decode batch sizes the step reads every weight once; BLAS sgemm/sgemv at M of 1..64
+ * on these thin shapes runs far below both the memory bandwidth and the FMA peak. Packed
+ * panels let a register-blocked outer-product micro-kernel (6 rows of x by 16 outputs, twelve
+ * 8-lane accumulators) stream each weight panel contiguously and broadcast x from L1.
  *
- * Batch invariance by construction: output (m, n) is always the same sequence of operations on
- * x[m, :] and w[n, :] only -- 8-lane FMAs over k in order, the lanes summed in a fixed tree, the
- * k tail added in order, then the bias. Blocking over m and n and the split of n across threads
- * change which (m, n) are computed together, never how one is computed, so a row's result does
- * not depend on M, on the other rows, or on the thread count.
+ * Packed layout: w [N, K] becomes panels [ceil(N / 16), K, 16]: panel p holds outputs
+ * 16p..16p+15, k-major, so one k step reads 16 consecutive weights. Outputs past N are zero.
  *
- * Layouts (contiguous, row-major): x [M, K] fp32, w [N, K] fp32 or bf16 (uint16), b [N] fp32 or
- * NULL, y [M, N] fp32.
+ * Batch invariance by construction: output (m, n) is always acc = 0; for k = 0..K-1:
+ * acc = fma(x[m, k], w[n, k], acc); then y = acc (+ b[n]). Every code path (the 1-row path, the
+ * 1..6-row micro-kernels, any thread split, any row chunking) runs exactly that sequence on
+ * x[m, :] and w[n, :] only, so a row's result depends neither on M, on the other rows, nor on
+ * the thread count -- nor on whether the weight was packed once or per call.
+ *
+ * Layouts (contiguous, row-major): x [M, K] fp32, w [N, K] fp32 or bf16 (uint16), panels as
+ * above, b [N] fp32 or NULL, y [M, N] fp32.
  */
 #include <immintrin.h>
 #include <stdint.h>
 
-#define MR 4 /* rows of x per micro-kernel */
-#define NR 3 /* rows of w per micro-kernel: MR * NR accumulators + loads fit in 16 ymm */
-#define N_CHUNK 48 /* rows of w one thread keeps hot (L2) while it walks all of x */
+#define P 16 /* outputs per panel: two ymm */
+#define MC 96 /* rows of x kept hot (L2) while every panel streams past them */
 #define PARALLEL_MIN (1 << 18) /* multiply-adds below which waking threads costs more */
 
-static inline __m256 load_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m256 lo8_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m256 hi8_f32(const float *p) { return _mm256_loadu_ps(p + 8); }
 
-static inline __m256 load_bf16(const uint16_t *p) {
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
+/* bf16 -> fp32 is exact: the 16 bits are the high half of the float. */
+static inline __m256 widen_bf16(__m128i h) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
-    return v.f;
+static inline __m256 lo8_bf16(const uint16_t *p) {
+    return widen_bf16(_mm_loadu_si128((const __m128i *)p));
+}
+static inline __m256 hi8_bf16(const uint16_t *p) {
+    return widen_bf16(_mm_loadu_si128((const __m128i *)(p + 8)));
 }
 
-/* The fixed lane tree: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)). */
-static inline float reduce_lanes(__m256 acc) {
-    __m128 lo = _mm256_castps256_ps128(acc), hi = _mm256_extractf128_ps(acc, 1);
-    __m128 s = _mm_add_ps(lo, hi);                 /* l0+l4, l1+l5, l2+l6, l3+l7 */
-    __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s)); /* (l0+l4)+(l2+l6), (l1+l5)+(l3+l7) */
-    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+/* Masks and bias for a panel with `valid` real outputs (the last panel may be partial). */
+typedef struct {
+    __m256i m0, m1;
+    __m256 b0, b1;
+    int has_bias;
+} Tail;
+
+static inline Tail panel_tail(const float *b, int valid) {
+    Tail t;
+    t.m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    t.m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid),
+                              _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15));
+    t.has_bias = b != 0;
+    t.b0 = b ? _mm256_maskload_ps(b, t.m0) : _mm256_setzero_ps();
+    t.b1 = b ? _mm256_maskload_ps(b + 8, t.m1) : _mm256_setzero_ps();
+    return t;
 }
 
-#define DEFINE_BLOCK(NAME, WT, LOADW, TOF32)                                                     \
-    static inline __attribute__((always_inline)) void NAME(                                     \
-        const float *x, const WT *w, const float *b, float *y, int64_t K, int64_t N, int mr,    \
-        int nr) {                                                                                \
-        __m256 acc[MR][NR];                                                                      \
-        for (int i = 0; i < MR; i++)                                                             \
-            for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();                        \
-        int64_t k = 0;                                                                           \
-        for (; k + 8 <= K; k += 8) {                                                             \
-            __m256 wv[NR];                                                                       \
-            for (int j = 0; j < NR; j++)                                                         \
-                if (j < nr) wv[j] = LOADW(w + j * K + k);                                        \
-            for (int i = 0; i < MR; i++) {                                                       \
-                if (i >= mr) break;                                                              \
-                __m256 xv = _mm256_loadu_ps(x + i * K + k);                                      \
-                for (int j = 0; j < NR; j++)                                                     \
-                    if (j < nr) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);               \
+static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
+    if (t->has_bias) {
+        r0 = _mm256_add_ps(r0, t->b0);
+        r1 = _mm256_add_ps(r1, t->b1);
+    }
+    _mm256_maskstore_ps(y, t->m0, r0);
+    _mm256_maskstore_ps(y + 8, t->m1, r1);
+}
+
+/* Named accumulators, one pair per row: GCC keeps them in registers (an array spills). */
+#define DECL(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();
+#define STEP(i)                                                                                  \
+    {                                                                                            \
+        __m256 a = _mm256_broadcast_ss(x + (i) * K + k);                                         \
+        c##i##0 = _mm256_fmadd_ps(a, w0, c##i##0);                                               \
+        c##i##1 = _mm256_fmadd_ps(a, w1, c##i##1);                                               \
+    }
+#define STORE(i) store_row(y + (i) * N, c##i##0, c##i##1, &t);
+#define REP1(F) F(0)
+#define REP2(F) REP1(F) F(1)
+#define REP3(F) REP2(F) F(2)
+#define REP4(F) REP3(F) F(3)
+#define REP5(F) REP4(F) F(4)
+#define REP6(F) REP5(F) F(5)
+
+/* MR rows of x times one panel. */
+#define DEFINE_MICRO(NAME, WT, LO, HI, MR)                                                       \
+    static void NAME##_micro##MR(const float *x, const WT *panel, const float *b, float *y,     \
+                                 int64_t K, int64_t N, int valid) {                              \
+        REP##MR(DECL);                                                                           \
+        for (int64_t k = 0; k < K; k++) {                                                        \
+            const __m256 w0 = LO(panel + k * P), w1 = HI(panel + k * P);                         \
+            REP##MR(STEP)                                                                        \
+        }                                                                                        \
+        const Tail t = panel_tail(b, valid);                                                     \
+        REP##MR(STORE)                                                                           \
+    }
+
+/* One row of x times four panels (eight chains in flight instead of two). */
+#define DEFINE_ROW(NAME, WT, LO, HI)                                                             \
+    static void NAME##_row4(const float *x, const WT *panels, const float *b, float *y,         \
+                            int64_t K, int64_t N, int64_t p0, int np) {                          \
+        __m256 acc[8];                                                                           \
+        const WT *w[4];                                                                          \
+        for (int q = 0; q < 4; q++) {                                                            \
+            acc[2 * q] = acc[2 * q + 1] = _mm256_setzero_ps();                                   \
+            w[q] = panels + (p0 + (q < np ? q : 0)) * K * P;                                     \
+        }                                                                                        \
+        for (int64_t k = 0; k < K; k++) {                                                        \
+            const __m256 a = _mm256_broadcast_ss(x + k);                                         \
+            for (int q = 0; q < 4; q++) {                                                        \
+                if (q >= np) break;                                                              \
+                acc[2 * q] = _mm256_fmadd_ps(a, LO(w[q] + k * P), acc[2 * q]);                   \
+                acc[2 * q + 1] = _mm256_fmadd_ps(a, HI(w[q] + k * P), acc[2 * q + 1]);           \
             }                                                                                    \
         }                                                                                        \
-        for (int i = 0; i < mr; i++)                                                             \
-            for (int j = 0; j < nr; j++) {                                                       \
-                float s = reduce_lanes(acc[i][j]);                                               \
-                for (int64_t t = k; t < K; t++) s = fmaf(x[i * K + t], TOF32(w[j * K + t]), s);  \
-                y[i * N + j] = b ? s + b[j] : s;                                                 \
-            }                                                                                    \
+        for (int q = 0; q < np; q++) {                                                           \
+            const int64_t n0 = (p0 + q) * P;                                                     \
+            const int valid = (int)(N - n0 < P ? N - n0 : P);                                    \
+            const Tail t = panel_tail(b ? b + n0 : 0, valid);                                    \
+            store_row(y + n0, acc[2 * q], acc[2 * q + 1], &t);                                   \
+        }                                                                                        \
+    }
+
+#define DEFINE_LINEAR(NAME, WT, LO, HI)                                                          \
+    DEFINE_MICRO(NAME, WT, LO, HI, 1)                                                            \
+    DEFINE_MICRO(NAME, WT, LO, HI, 2)                                                            \
+    DEFINE_MICRO(NAME, WT, LO, HI, 3)                                                            \
+    DEFINE_MICRO(NAME, WT, LO, HI, 4)                                                            \
+    DEFINE_MICRO(NAME, WT, LO, HI, 5)                                                            \
+    DEFINE_MICRO(NAME, WT, LO, HI, 6)                                                            \
+    DEFINE_ROW(NAME, WT, LO, HI)                                                                 \
+    static void NAME##_block(const float *x, const WT *panel, const float *b, float *y,         \
+                             int64_t K, int64_t N, int mr, int valid) {                          \
+        switch (mr) {                                                                            \
+        case 6: NAME##_micro6(x, panel, b, y, K, N, valid); return;                              \
+        case 5: NAME##_micro5(x, panel, b, y, K, N, valid); return;                              \
+        case 4: NAME##_micro4(x, panel, b, y, K, N, valid); return;                              \
+        case 3: NAME##_micro3(x, panel, b, y, K, N, valid); return;                              \
+        case 2: NAME##_micro2(x, panel, b, y, K, N, valid); return;                              \
+        default: NAME##_micro1(x, panel, b, y, K, N, valid); return;                             \
+        }                                                                                        \
     }                                                                                            \
-    /* Constant mr/nr after inlining: the accumulators stay in registers. */                     \
-    static void NAME##_dispatch(const float *x, const WT *w, const float *b, float *y,          \
-                                int64_t K, int64_t N, int mr, int nr) {                          \
-        if (mr == 1 && nr == 1) {                                                                \
-            NAME(x, w, b, y, K, N, 1, 1);                                                        \
-            return;                                                                              \
-        }                                                                                        \
-        if (nr == NR) {                                                                          \
-            switch (mr) {                                                                        \
-            case 4: NAME(x, w, b, y, K, N, 4, NR); return;                                       \
-            case 3: NAME(x, w, b, y, K, N, 3, NR); return;                                       \
-            case 2: NAME(x, w, b, y, K, N, 2, NR); return;                                       \
-            default: NAME(x, w, b, y, K, N, 1, NR); return;                                      \
+    int NAME##_packed_linear(const float *x, const WT *panels, const float *b, float *y,        \
+                             int64_t M, int64_t N, int64_t K) {                                  \
+        const int64_t np = (N + P - 1) / P;                                                      \
+        const int par = M * N * K >= PARALLEL_MIN;                                               \
+        if (M == 1) {                                                                            \
+            const int64_t groups = (np + 3) / 4;                                                 \
+            _Pragma("omp parallel for schedule(static) if (par)")                                \
+            for (int64_t g = 0; g < groups; g++) {                                               \
+                const int n = (int)(np - 4 * g < 4 ? np - 4 * g : 4);                             \
+                NAME##_row4(x, panels, b, y, K, N, 4 * g, n);                                    \
             }                                                                                    \
+            return 0;                                                                            \
         }                                                                                        \
-        NAME(x, w, b, y, K, N, mr, nr);                                                          \
-    }                                                                                            \
-    int NAME##_linear(const float *x, const WT *w, const float *b, float *y, int64_t M,        \
-                      int64_t N, int64_t K) {                                                    \
-        const int64_t chunks = (N + N_CHUNK - 1) / N_CHUNK;                                      \
-        _Pragma("omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN)") for (int64_t c = 0; c < chunks; c++) {     \
-            const int64_t n0 = c * N_CHUNK, n1 = n0 + N_CHUNK < N ? n0 + N_CHUNK : N;            \
-            for (int64_t m = 0; m < M; m += MR) {                                                \
-                const int mr = (int)(M - m < MR ? M - m : MR);                                   \
-                /* One row of x: one weight row at a time, a single sequential stream. */       \
-                const int step = mr == 1 ? 1 : NR;                                               \
-                for (int64_t n = n0; n < n1; n += step) {                                        \
-                    const int nr = (int)(n1 - n < step ? n1 - n : step);                         \
-                    NAME##_dispatch(x + m * K, w + n * K, b ? b + n : 0, y + m * N + n, K, N,    \
-                                    mr, nr);                                                     \
+        for (int64_t m0 = 0; m0 < M; m0 += MC) {                                                 \
+            const int64_t m1 = m0 + MC < M ? m0 + MC : M;                                        \
+            _Pragma("omp parallel for schedule(static) if (par)")                                \
+            for (int64_t p = 0; p < np; p++) {                                                   \
+                const int valid = (int)(N - p * P < P ? N - p * P : P);                          \
+                for (int64_t m = m0; m < m1; m += 6) {                                           \
+                    const int mr = (int)(m1 - m < 6 ? m1 - m : 6);                               \
+                    NAME##_block(x + m * K, panels + p * K * P, b ? b + p * P : 0,               \
+                                 y + m * N + p * P, K, N, mr, valid);                            \
                 }                                                                                \
             }                                                                                    \
         }                                                                                        \
         return 0;                                                                                \
+    }                                                                                            \
+    int NAME##_pack(const WT *w, WT *panels, int64_t N, int64_t K) {                             \
+        const int64_t np = (N + P - 1) / P;                                                      \
+        _Pragma("omp parallel for schedule(static)")                                             \
+        for (int64_t p = 0; p < np; p++)                                                         \
+            for (int j = 0; j < P; j++) {                                                        \
+                const int64_t n = p * P + j;                                                     \
+                WT *out = panels + p * K * P + j;                                                \
+                if (n < N)                                                                       \
+                    for (int64_t k = 0; k < K; k++) out[k * P] = w[n * K + k];                   \
+                else                                                                             \
+                    for (int64_t k = 0; k < K; k++) out[k * P] = 0;                              \
+            }                                                                                    \
+        return 0;                                                                                \
     }
 
-static inline float f32_id(float v) { return v; }
-
-DEFINE_BLOCK(f32w, float, load_f32, f32_id)
-DEFINE_BLOCK(bf16w, uint16_t, load_bf16, bf16_to_f32)
+DEFINE_LINEAR(f32w, float, lo8_f32, hi8_f32)
+DEFINE_LINEAR(bf16w, uint16_t, lo8_bf16, hi8_bf16)

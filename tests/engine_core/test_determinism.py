@@ -10,7 +10,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from engine_core import Engine
 
@@ -183,10 +182,15 @@ def test_prefix_cache_page_aligned_samples_compute_one_token_each(path):
     assert computed == [4 * 24, 24 + 3]
 
 
-def plain_blas_batch_dependent(model_cfg) -> bool:
-    """Whether plain ``F.linear`` gives a row other bits alone than inside a batch, for some
-    weight shape of the model (a property of the BLAS and the CPU, not of this code)."""
+def default_linear_batch_dependent(model_cfg) -> bool:
+    """Whether default mode's matmul gives a row other bits alone than inside a prefill-sized
+    batch, for some weight shape of the model (on CPU it packs weights for decode sizes and
+    hands larger batches to the BLAS, whose blocking over K differs from the kernel's)."""
+    from engine_core.config import EngineConfig
+    from engine_core.execution.model_runner import engine_linear
+
     mc = model_cfg
+    linear, _ = engine_linear(EngineConfig("", device="cpu"), mc, 1, torch.float32)
     qkv = (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
     shapes = [
         (mc.hidden_size, qkv),
@@ -197,23 +201,24 @@ def plain_blas_batch_dependent(model_cfg) -> bool:
     ]
     gen = torch.Generator().manual_seed(0)
     for k, n in shapes:
-        w, x = torch.randn(n, k, generator=gen), torch.randn(40, k, generator=gen)
-        for m in (2, 3, 5, 8, 13, 40):
-            batch = F.linear(x[:m], w)
-            if any(not torch.equal(F.linear(x[i : i + 1], w)[0], batch[i]) for i in range(m)):
+        w, x = torch.randn(n, k, generator=gen), torch.randn(100, k, generator=gen)
+        for m in (2, 3, 5, 8, 13, 40, 100):
+            batch = linear(x[:m], w)
+            if any(not torch.equal(linear(x[i : i + 1], w)[0], batch[i]) for i in range(m)):
                 return True
     return False
 
 
-def test_default_mode_is_not_batch_invariant(path):
+def test_default_mode_is_not_batch_invariant(model_dir):
     """Negative control: without deterministic mode, batching changes the logprob bits where
-    the BLAS rounds a row by batch size (MKL here: M=1 takes gemv, M>=4 gemm). A BLAS that
-    happens to be batch invariant for this model's shapes leaves nothing to contrast."""
-    with Engine(path, device="cpu", page_size=4) as eng:
+    the matmul rounds a row by batch size (on CPU: the decode kernel alone, the BLAS for a
+    batch's prefill; the wider MLP gives the BLAS a K it blocks). A matmul that happens to be
+    batch invariant for this model's shapes leaves nothing to contrast."""
+    with Engine(model_dir("llama", intermediate_size=384), device="cpu", page_size=4) as eng:
         lone = run_batch(eng, [TARGET], GREEDY, 0)
         batched = run_batch(eng, others(7, seed=7) + [TARGET], GREEDY, 7)
-        dependent = plain_blas_batch_dependent(eng.model_config)
+        dependent = default_linear_batch_dependent(eng.model_config)
     assert lone[0] == batched[0]  # the same greedy tokens ...
     if not dependent:
-        pytest.skip("plain F.linear is batch invariant for this model's shapes on this CPU")
+        pytest.skip("default mode's matmul is batch invariant for this model's shapes here")
     assert lone[1:] != batched[1:]  # ... but not the same logprob bits

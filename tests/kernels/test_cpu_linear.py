@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,9 +48,9 @@ def test_matches_the_float64_reference(m, n, k, bias, bf16, seed):
 @pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (576, 3072), (67, 101)])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 def test_rows_are_batch_invariant(k, n, wdtype):
-    x, w, b = operands(70, n, k, 7, wdtype)
+    x, w, b = operands(150, n, k, 7, wdtype)
     alone = torch.cat([cpu_linear.linear(x[i : i + 1], w, b) for i in range(len(x))])
-    for rows in (1, 2, 3, 4, 5, 7, 9, 16, 33, 70):
+    for rows in (1, 2, 3, 4, 5, 7, 9, 16, 33, 70, 97, 150):
         assert torch.equal(cpu_linear.linear(x[:rows], w, b), alone[:rows]), rows
     # A row's value does not depend on its neighbours either.
     shuffled = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))]
@@ -83,11 +82,13 @@ def test_leading_dims_and_strided_inputs():
     torch.testing.assert_close(cpu_linear.linear(wide, w), reference(wide, w), rtol=1e-5, atol=1e-4)
 
 
-def test_small_rows_linear_switches_to_the_blas_above_the_threshold():
-    limit = cpu_linear.SMALL_ROWS
-    x, w, b = operands(limit + 1, 64, 32, 9)
-    assert torch.equal(
-        cpu_linear.small_rows_linear(x[:limit], w, b), cpu_linear.linear(x[:limit], w, b)
-    )
-    assert torch.equal(cpu_linear.small_rows_linear(x, w, b), F.linear(x, w, b))
+def test_packed_once_equals_packed_per_call():
+    """The engine packs once, a trainer per call: the same bits either way."""
+    for wdtype in (torch.float32, torch.bfloat16):
+        x, w, b = operands(13, 37, 50, 9, wdtype)  # 37 outputs: a partial last panel
+        packed = cpu_linear.pack(w)
+        assert packed.panels.shape == (3, 50, cpu_linear.PANEL)
+        assert packed.panels.dtype == wdtype and packed.nbytes == packed.panels.nbytes
+        assert not packed.panels[2, :, 37 - 32 :].any()  # outputs past N are zero
+        assert torch.equal(cpu_linear.packed_linear(x, packed, b), cpu_linear.linear(x, w, b))
     assert cpu_linear.supports(x, w) and not cpu_linear.supports(x.double(), w)

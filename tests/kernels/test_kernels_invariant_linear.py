@@ -110,6 +110,13 @@ class _Spy:
         return self.fn(x, w, b)
 
 
+class _PackedSpy(_Spy):
+    def __call__(self, x, w, b=None):
+        self.calls += 1
+        self.shapes.add((w.in_features, w.out_features, x.dtype))
+        return self.fn(x, w, b)
+
+
 @pytest.fixture
 def no_c_kernel(monkeypatch):
     monkeypatch.setattr(cpu_linear, "available", lambda: False)
@@ -179,8 +186,8 @@ def test_the_c_kernel_is_preferred_and_needs_no_proof(model_dir, monkeypatch):
         raise AssertionError("the BLAS proof ran although the C kernel is available")
 
     monkeypatch.setattr(invariant_linear, "rows_invariant", no_proof)
-    spy = _Spy(cpu_linear.linear)
-    monkeypatch.setattr(cpu_linear, "linear", spy)
+    spy = _PackedSpy(cpu_linear.packed_linear)
+    monkeypatch.setattr(cpu_linear, "packed_linear", spy)
     with _deterministic_engine(model_dir) as engine:
         assert engine.runner.deterministic_matmul == "C kernel (row-invariant by construction)"
         alone = _signature(engine, [TARGET], 0)

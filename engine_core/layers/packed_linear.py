@@ -1,0 +1,89 @@
+"""The engine's CPU matmul: every linear weight packed once into the C kernel's panel layout
+(``kernels.cpu_linear``) and reused by every step until the weight changes.
+
+The parameters stay the canonical copy (checkpoint load, refits, checksums and
+``get_weights_by_name`` read and write them); the packs are derived from them. The rank repacks
+after everything that writes parameters -- load, refit commit, resume from release -- and drops
+the packs when the weights are released (``execution.rank``). As a safety net each pack
+remembers which storage and version of its weight it was made from, and a forward on a weight
+that changed any other way repacks it first, so a stale pack is never used.
+
+Packs cost one more copy of the matrices (fp32 or bf16, as stored); the default KV budget
+counts it (``kv_budget``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine_core.layers.embed_head import ParallelLMHead
+from engine_core.layers.linear import ShardedLinear
+from kernels import cpu_linear
+
+
+@dataclass
+class _Pack:
+    weight: torch.Tensor  # held so the id it is filed under stays this weight's
+    made_from: tuple
+    packed: cpu_linear.PackedWeight
+
+
+def _identity(weight: torch.Tensor) -> tuple:
+    """Changes whenever the weight's values may have: rebinding (``param.data = ...``) gives a
+    new storage, writes through the parameter or its views bump its version."""
+    return (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+
+
+class PackedLinear:
+    """A ``LinearFn`` on packed weights; above ``blas_above_rows`` rows (prefill, in default
+    mode) it hands off to the BLAS, which is faster there. ``None``: the kernel at every size
+    (deterministic mode: it is row-invariant by construction, the BLAS is not)."""
+
+    def __init__(self, blas_above_rows: int | None) -> None:
+        self.blas_above_rows = blas_above_rows
+        self._packs: dict[int, _Pack] = {}
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if self.blas_above_rows is not None and rows > self.blas_above_rows:
+            return F.linear(x, weight.to(x.dtype), bias)
+        return cpu_linear.packed_linear(x, self._packed(weight), bias)
+
+    def _packed(self, weight: torch.Tensor) -> cpu_linear.PackedWeight:
+        entry = self._packs.get(id(weight))
+        now = _identity(weight)
+        if entry is not None and entry.made_from == now:
+            return entry.packed
+        if entry is not None and entry.made_from[2:] == now[2:]:
+            # Same shape and dtype (every refit): repack in place, so refits allocate nothing.
+            entry.packed = cpu_linear.pack(weight, into=entry.packed)
+            entry.made_from = now
+            return entry.packed
+        self._packs.pop(id(weight), None)  # free the stale pack before making the new one
+        entry = _Pack(weight, now, cpu_linear.pack(weight))
+        self._packs[id(weight)] = entry
+        return entry.packed
+
+    def refresh(self, model: torch.nn.Module) -> None:
+        """Pack (again) every weight of ``model``'s layers that use this op; after a load, a
+        refit commit or a resume, so the next step does not pay for it."""
+        for module in model.modules():
+            if isinstance(module, ShardedLinear) and module.fn is self:
+                self._packed(module.weight)
+            elif isinstance(module, ParallelLMHead) and module.fn is self:
+                self._packed(module.head_weight)
+
+    def release(self) -> int:
+        """Drop every pack (the weights are being released); returns the bytes freed."""
+        freed = self.nbytes
+        self._packs.clear()
+        return freed
+
+    @property
+    def nbytes(self) -> int:
+        return sum(entry.packed.nbytes for entry in self._packs.values())
