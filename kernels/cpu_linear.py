@@ -26,8 +26,9 @@ from kernels._cbuild import load
 PANEL = 16  # outputs per packed panel (csrc/linear_cpu.c)
 
 # Up to this many rows the packed C kernel beats MKL's sgemm on the default model's shapes (2
-# cores, AVX2; docs/PERFORMANCE.md); above it, in default mode, prefill goes to the BLAS.
-SMALL_ROWS = 64
+# cores, AVX2: 0.72x MKL's time at 32 rows, 0.85x at 128, even from 256; docs/PERFORMANCE.md);
+# above it, in default mode, long prefills go to the BLAS.
+SMALL_ROWS = 256
 
 
 @functools.lru_cache(maxsize=1)
