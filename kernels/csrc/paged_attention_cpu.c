@@ -2,60 +2,129 @@
  * Paged attention for fp32 on CPU, reading K/V pages in place (no gather copy).
  *
  * Each (query row, KV head) is computed independently, in a fixed order that depends only on
- * that row's own query, position and KV: dot products use 8 explicit lanes summed in a fixed
- * order, softmax sums run left to right, and values accumulate in position order. A row's
+ * that row's own query, position and KV: dot products use 8-lane FMAs summed in a fixed lane
+ * tree, the softmax numerators come from one vector exp (the same instructions for every
+ * score) and are summed in 8-lane partial sums and the tree, and values accumulate in position
+ * order. A row's
  * result is therefore bitwise identical whatever else is in the batch, however its prefill was
  * chunked, and whether it runs as prefill or decode (batch invariance by construction).
  *
  * Layouts: q, out [T, Hq, D]; caches [P, page_size, Hk, D]; page_table [B, max_pages] int64;
  * row_seq [T] (row of page_table), row_pos [T] (absolute position; attends to 0..pos).
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #define LANES 8
 
-static float dot_fixed(const float *a, const float *b, int64_t n) {
-    float acc[LANES] = {0};
+/* The fixed lane tree: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)). */
+static inline float reduce_lanes(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+/* q . k over D: 8-lane FMAs over d in order, then the lane tree; a scalar tail in order. */
+static inline float dot(const float *a, const float *b, int64_t D) {
+    __m256 acc = _mm256_setzero_ps();
     int64_t d = 0;
-    for (; d + LANES <= n; d += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += a[d + l] * b[d + l];
-    for (int64_t l = 0; d < n; d++, l++) acc[l] += a[d] * b[d];
-    float s01 = acc[0] + acc[1], s23 = acc[2] + acc[3];
-    float s45 = acc[4] + acc[5], s67 = acc[6] + acc[7];
-    return (s01 + s23) + (s45 + s67);
+    for (; d + LANES <= D; d += LANES)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    float s = reduce_lanes(acc);
+    for (; d < D; d++) s = fmaf(a[d], b[d], s);
+    return s;
+}
+
+/* exp(x) for x <= 0 (softmax after the max is subtracted), 8 lanes: x = n ln2 + r with
+ * |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error ~2e-7), times 2^n.
+ * The same instructions for every element, so a score's weight never depends on its lane. */
+static inline __m256 exp_nonpositive(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 given = x, nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q); /* NaN stays NaN */
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 e = _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+    return _mm256_blendv_ps(e, given, nan);
+}
+
+/* s[0..n) = exp(s - max) in place; returns their sum (8-lane partial sums in order, the lane
+ * tree). `s` has room for n rounded up to 8; the padding lanes are computed and dropped. */
+static float softmax_numerators(float *s, int64_t n) {
+    float m = -INFINITY;
+    for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 total = _mm256_setzero_ps();
+    const int64_t padded = (n + LANES - 1) / LANES * LANES;
+    for (int64_t j = n; j < padded; j++) s[j] = -INFINITY;
+    for (int64_t j = 0; j < padded; j += LANES) {
+        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+        _mm256_storeu_ps(s + j, e);
+        total = _mm256_add_ps(total, e);
+    }
+    return reduce_lanes(total);
+}
+
+/* out[0..D) = sum_j w[j] v_j / total, accumulated in position order. */
+static void weighted_values(const float *w, int64_t n, const float *v_cache, const int64_t *pages,
+                            int64_t ps, int64_t row_stride, int64_t D, float total, float *out) {
+    for (int64_t d0 = 0; d0 < D; d0 += 4 * LANES) {
+        const int64_t width = D - d0 < 4 * LANES ? D - d0 : 4 * LANES;
+        if (width == 4 * LANES) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t j = 0; j < n; j++) {
+                const float *v = v_cache + (pages[j / ps] * ps + j % ps) * row_stride + d0;
+                const __m256 wj = _mm256_set1_ps(w[j]);
+                a0 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v), a0);
+                a1 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 8), a1);
+                a2 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 16), a2);
+                a3 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 24), a3);
+            }
+            const __m256 inv = _mm256_set1_ps(1.0f / total);
+            _mm256_storeu_ps(out + d0, _mm256_mul_ps(a0, inv));
+            _mm256_storeu_ps(out + d0 + 8, _mm256_mul_ps(a1, inv));
+            _mm256_storeu_ps(out + d0 + 16, _mm256_mul_ps(a2, inv));
+            _mm256_storeu_ps(out + d0 + 24, _mm256_mul_ps(a3, inv));
+            continue;
+        }
+        for (int64_t d = d0; d < d0 + width; d++) { /* head_dim not a multiple of 32 */
+            float acc = 0.0f;
+            for (int64_t j = 0; j < n; j++)
+                acc = fmaf(w[j], v_cache[(pages[j / ps] * ps + j % ps) * row_stride + d], acc);
+            out[d] = acc * (1.0f / total);
+        }
+    }
 }
 
 static void attend_row(const float *q, const float *k_cache, const float *v_cache,
                        const int64_t *pages, int64_t pos, int64_t hk, int64_t group,
                        int64_t Hk, int64_t D, int64_t ps, float scale, float *scores,
-                       float *out) {
+                       int64_t stride, float *out) {
     const int64_t n = pos + 1;
     const int64_t row_stride = Hk * D;
-    /* scores[g * n + j] for the `group` query heads sharing this KV head */
+    /* scores[g * stride + j] for the `group` query heads sharing this KV head */
     for (int64_t j = 0; j < n; j++) {
         const float *k = k_cache + (pages[j / ps] * ps + j % ps) * row_stride + hk * D;
-        for (int64_t g = 0; g < group; g++) scores[g * n + j] = dot_fixed(q + g * D, k, D) * scale;
+        for (int64_t g = 0; g < group; g++) scores[g * stride + j] = dot(q + g * D, k, D) * scale;
     }
     for (int64_t g = 0; g < group; g++) {
-        float *s = scores + g * n;
-        float m = -INFINITY;
-        for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
-        float total = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            s[j] = expf(s[j] - m);
-            total += s[j];
-        }
-        float *o = out + g * D;
-        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            const float *v = v_cache + (pages[j / ps] * ps + j % ps) * row_stride + hk * D;
-            const float w = s[j];
-            for (int64_t d = 0; d < D; d++) o[d] += w * v[d];
-        }
-        const float inv = 1.0f / total;
-        for (int64_t d = 0; d < D; d++) o[d] *= inv;
+        float *s = scores + g * stride;
+        const float total = softmax_numerators(s, n);
+        weighted_values(s, n, v_cache + hk * D, pages, ps, row_stride, D, total, out + g * D);
     }
 }
 
@@ -67,7 +136,8 @@ int paged_attention_f32(const float *q, const float *k_cache, const float *v_cac
     int failed = 0;
 #pragma omp parallel
     {
-        float *scores = (float *)malloc(sizeof(float) * group * max_pages * ps);
+        const int64_t stride = (max_pages * ps + LANES - 1) / LANES * LANES;
+        float *scores = (float *)malloc(sizeof(float) * group * stride);
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
@@ -79,7 +149,7 @@ int paged_attention_f32(const float *q, const float *k_cache, const float *v_cac
                 const float *qrow = q + (t * Hq + hk * group) * D;
                 float *orow = out + (t * Hq + hk * group) * D;
                 attend_row(qrow, k_cache, v_cache, pages, row_pos[t], hk, group, Hk, D, ps,
-                           scale, scores, orow);
+                           scale, scores, stride, orow);
             }
             free(scores);
         }
