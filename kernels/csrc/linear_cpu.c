@@ -159,10 +159,14 @@ static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
             _Pragma("omp parallel for schedule(static) if (par)")                                \
             for (int64_t p = 0; p < np; p++) {                                                   \
                 const int valid = (int)(N - p * P < P ? N - p * P : P);                          \
-                for (int64_t m = m0; m < m1; m += 6) {                                           \
-                    const int mr = (int)(m1 - m < 6 ? m1 - m : 6);                               \
+                /* Rows split evenly over ceil(rows / 6) blocks: 32 = 5+5+5+5+6+6, not 6*5+2 \
+                 * (a 2-row block waits on FMA latency as long as a full one). */               \
+                const int64_t rows = m1 - m0, blocks = (rows + 5) / 6;                            \
+                for (int64_t i = 0, m = m0; i < blocks; i++) {                                   \
+                    const int mr = (int)(rows / blocks + (i < rows % blocks));                    \
                     NAME##_block(x + m * K, panels + p * K * P, b ? b + p * P : 0,               \
                                  y + m * N + p * P, K, N, mr, valid);                            \
+                    m += mr;                                                                     \
                 }                                                                                \
             }                                                                                    \
         }                                                                                        \
