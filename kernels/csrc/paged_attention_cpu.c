@@ -18,6 +18,7 @@
 #include <stdlib.h>
 
 #define LANES 8
+#define PARALLEL_MIN (1 << 19) /* query-key multiply-adds */
 
 /* The fixed lane tree: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)). */
 static inline float reduce_lanes(__m256 v) {
@@ -134,7 +135,10 @@ int paged_attention_f32(const float *q, const float *k_cache, const float *v_cac
                         int64_t D, int64_t ps, int64_t max_pages, float scale) {
     const int64_t group = Hq / Hk;
     int failed = 0;
-#pragma omp parallel
+    /* Below this much work (one decode row, short context) waking the second thread costs
+     * more than it saves. Which thread computes a row never changes its result. */
+    const int par = T * Hq * max_pages * ps * D >= PARALLEL_MIN;
+#pragma omp parallel if (par)
     {
         const int64_t stride = (max_pages * ps + LANES - 1) / LANES * LANES;
         float *scores = (float *)malloc(sizeof(float) * group * stride);
