@@ -7,7 +7,7 @@ Each system is timed after a warm-up; vLLM runs as a subprocess in its own venv
 load-to-first-token time, peak RSS and, with ``--deterministic``, deterministic mode.
 
     python benchmarks/bench_vs_vllm.py [--new-tokens 128] [--deterministic] [--bf16-weights]
-        [--vllm-venv DIR]
+        [--int8-weights] [--vllm-venv DIR]
 """
 
 from __future__ import annotations
@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument(
         "--bf16-weights", action="store_true", help="also our engine with weight_dtype=bfloat16"
     )
+    parser.add_argument(
+        "--int8-weights", action="store_true", help="also our engine with weight_dtype=int8"
+    )
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--vllm-venv", default=None)
     args = parser.parse_args()
@@ -112,6 +115,8 @@ def main() -> None:
         columns["Engine deterministic"] = run_ours(path, works, True)
     if args.bf16_weights:
         columns["Engine bf16 weights"] = run_ours(path, works, False, "bfloat16")
+    if args.int8_weights:
+        columns["Engine int8 weights"] = run_ours(path, works, False, "int8")
     python = vllm_python(args.vllm_venv)
     note = ""
     if python is None:
@@ -140,6 +145,8 @@ def ratio_columns(columns: dict[str, dict]) -> list[tuple[str, str, str]]:
         out.append(("ours / vLLM", "rl-rollout Engine", "vLLM-CPU"))
         if "Engine bf16 weights" in columns:
             out.append(("bf16 weights / vLLM", "Engine bf16 weights", "vLLM-CPU"))
+        if "Engine int8 weights" in columns:
+            out.append(("int8 weights / vLLM", "Engine int8 weights", "vLLM-CPU"))
     if "Engine deterministic" in columns:
         out.append(("deterministic / default", "Engine deterministic", "rl-rollout Engine"))
     return out

@@ -39,7 +39,10 @@ class EngineConfig:
     dtype: str = "auto"
     # Opt-in on CPU: store the linear and embedding weights as "bfloat16" while computing in
     # float32 (half the bytes a decode step reads; logprobs move by the rounding of the
-    # weights, docs/PERFORMANCE.md). "auto": weights in ``dtype``.
+    # weights, docs/PERFORMANCE.md), or "int8": the matmul reads int8 copies of the matrices
+    # (symmetric, one scale per output row; a quarter of the bytes; logprobs move by the
+    # quantization, docs/PERFORMANCE.md) while the parameters stay float32. "auto": weights in
+    # ``dtype``.
     weight_dtype: str = "auto"
     device: str = dataclasses.field(default_factory=default_device)
     page_size: int = 16
@@ -89,13 +92,14 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self._check_choice("dtype", self.dtype, DTYPES)
         self._check_choice("device", self.device, ("cpu", "cuda"))
-        self._check_choice("weight_dtype", self.weight_dtype, ("auto", "bfloat16"))
-        if self.weight_dtype == "bfloat16" and (self.device != "cpu" or self.dtype == "bfloat16"):
+        self._check_choice("weight_dtype", self.weight_dtype, ("auto", "bfloat16", "int8"))
+        narrow = self.weight_dtype != "auto"
+        if narrow and (self.device != "cpu" or self.dtype not in ("auto", "float32")):
             raise InvalidConfigError(
                 "weight_dtype",
                 self.weight_dtype,
-                "bf16 weights with float32 compute is a CPU mode (dtype auto/float32); on CUDA "
-                "set dtype='bfloat16'",
+                "narrow weights with float32 compute is a CPU mode (dtype auto/float32); on "
+                "CUDA set dtype='bfloat16'",
             )
         for name in (
             "page_size",

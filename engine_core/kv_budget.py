@@ -29,13 +29,13 @@ def default_kv_budget_bytes(config: Any, model_cfg: Any, context_length: int) ->
     import torch
 
     from engine_core import sglang_args
-    from engine_core.execution.model_runner import packs_weights, resolve_dtype
+    from engine_core.execution.model_runner import packed_copy_fraction, resolve_dtype
 
     dtype = resolve_dtype(config, model_cfg)
     elem = torch.empty(0, dtype=dtype).element_size()
     weights = sglang_args.checkpoint_numel(config.model_path) * elem
-    if packs_weights(config, dtype):
-        weights *= 2  # the packed copy of the matrices (layers.packed_linear)
+    # the packed copy of the matrices (layers.packed_linear)
+    weights = int(weights * (1.0 + packed_copy_fraction(config, dtype)))
     available = sglang_args.available_memory_bytes(config.device)
     per_token = 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim * elem
     useful = config.max_running_requests * context_length * per_token

@@ -20,7 +20,7 @@ from kernels._cbuild import load
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    lib = load("paged_attention_cpu")
+    lib = load("paged_attention_cpu", ("-ffp-contract=off",))  # one rounding per written op
     if lib is None:
         return None
     fn = lib.paged_attention_f32

@@ -31,15 +31,19 @@ PANEL = 16  # outputs per packed panel (csrc/linear_cpu.c)
 SMALL_ROWS = 256
 
 
+_PREFIX = {torch.float32: "f32w", torch.bfloat16: "bf16w", torch.int8: "i8w"}
+
+
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    lib = load("linear_cpu")
+    # No contraction: the scale-then-bias epilogue must round the same way on every path.
+    lib = load("linear_cpu", ("-ffp-contract=off",))
     if lib is None:
         return None
-    for prefix in ("f32w", "bf16w"):
+    for prefix in _PREFIX.values():
         fn = getattr(lib, f"{prefix}_packed_linear")
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
         fn = getattr(lib, f"{prefix}_pack")
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
@@ -63,34 +67,55 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A weight [N, K] as column panels [ceil(N / 16), K, 16] (outputs past N are zero)."""
+    """A weight [N, K] as column panels [ceil(N / 16), K, 16] (outputs past N are zero);
+    int8 panels come with per-output fp32 ``scales`` [N] (weight ~= panels * scale)."""
 
     panels: torch.Tensor
     out_features: int
     in_features: int
+    scales: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.panels.nbytes
+        return self.panels.nbytes + (0 if self.scales is None else self.scales.nbytes)
 
 
 def pack(weight: torch.Tensor, into: PackedWeight | None = None) -> PackedWeight:
     """``weight`` [N, K] (fp32 or bf16, CPU) in the kernel's panel layout, same dtype;
     written over ``into``'s panels when given (same shape and dtype: a repack allocates
     nothing)."""
+    assert weight.dtype in (torch.float32, torch.bfloat16), weight.dtype
+    return _pack_panels(weight.detach().contiguous(), into, None)
+
+
+def pack_int8(weight: torch.Tensor, into: PackedWeight | None = None) -> PackedWeight:
+    """``weight`` [N, K] quantized to int8 panels, symmetric per output: ``scale[n] =
+    max|w[n]| / 127`` (1 for an all-zero row), ``q = round(w / scale)``; the kernel computes
+    ``(x . q[n]) * scale[n]``."""
+    w = weight.detach().to(torch.float32)
+    scales = w.abs().amax(dim=1) / 127.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    if into is not None:
+        assert into.scales is not None, "pack_int8 into a float pack"
+        into.scales.copy_(scales)
+        scales = into.scales
+    return _pack_panels(q, into, scales)
+
+
+def _pack_panels(
+    w: torch.Tensor, into: PackedWeight | None, scales: torch.Tensor | None
+) -> PackedWeight:
     lib = _library()
     assert lib is not None, "C kernel unavailable; check available() first"
-    assert weight.device.type == "cpu" and weight.dim() == 2, (weight.device, weight.shape)
-    assert weight.dtype in (torch.float32, torch.bfloat16), weight.dtype
-    n, k = weight.shape
-    w = weight.detach().contiguous()
+    assert w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous(), (w.device, w.shape)
+    n, k = w.shape
     shape = (-(-n // PANEL), k, PANEL)
     if into is not None:
         assert into.panels.shape == shape and into.panels.dtype == w.dtype, "pack shape changed"
     panels = torch.empty(shape, dtype=w.dtype) if into is None else into.panels
-    fn = lib.f32w_pack if w.dtype == torch.float32 else lib.bf16w_pack
-    fn(w.data_ptr(), panels.data_ptr(), n, k)
-    return PackedWeight(panels, n, k)
+    getattr(lib, f"{_PREFIX[w.dtype]}_pack")(w.data_ptr(), panels.data_ptr(), n, k)
+    return PackedWeight(panels, n, k, scales)
 
 
 def packed_linear(
@@ -106,12 +131,13 @@ def packed_linear(
     x2 = x.reshape(-1, k).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
     out = torch.empty((x2.shape[0], n), dtype=torch.float32)
-    panels = weight.panels
-    fn = lib.f32w_packed_linear if panels.dtype == torch.float32 else lib.bf16w_packed_linear
+    panels, scales = weight.panels, weight.scales
+    fn = getattr(lib, f"{_PREFIX[panels.dtype]}_packed_linear")
     if x2.shape[0]:
         fn(
             x2.data_ptr(),
             panels.data_ptr(),
+            None if scales is None else scales.data_ptr(),
             None if b is None else b.data_ptr(),
             out.data_ptr(),
             x2.shape[0],

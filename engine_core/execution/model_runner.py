@@ -58,10 +58,17 @@ def build_model(
 
 def packs_weights(config: EngineConfig, dtype: torch.dtype) -> bool:
     """Whether the engine's matmul keeps a packed copy of the matrices (CPU, fp32 compute,
-    the C kernel built): the KV budget counts that copy."""
+    the C kernel built)."""
     from kernels import cpu_linear
 
     return config.device == "cpu" and dtype == torch.float32 and cpu_linear.available()
+
+
+def packed_copy_fraction(config: EngineConfig, dtype: torch.dtype) -> float:
+    """The packed copy's size over the parameters' (what the KV budget adds for it)."""
+    if not packs_weights(config, dtype):
+        return 0.0
+    return 0.25 if config.weight_dtype == "int8" else 1.0
 
 
 def engine_linear(config: EngineConfig, model_cfg: ModelConfig, tp_size: int, dtype: torch.dtype):
@@ -72,18 +79,20 @@ def engine_linear(config: EngineConfig, model_cfg: ModelConfig, tp_size: int, dt
     deterministic mode (row-invariant by construction). bf16-stored weights need the kernel.
     """
     device = torch.device(config.device)
-    narrow = config.weight_dtype == "bfloat16"
+    narrow = config.weight_dtype in ("bfloat16", "int8")
     if narrow and not packs_weights(config, dtype):
         raise ModelLoadError(
-            "weight_dtype='bfloat16' needs float32 compute and the C linear kernel "
-            "(a C compiler and an AVX2/FMA CPU)"
+            f"weight_dtype={config.weight_dtype!r} needs float32 compute and the C linear "
+            "kernel (a C compiler and an AVX2/FMA CPU)"
         )
     if packs_weights(config, dtype):
         from kernels import cpu_linear
 
         if narrow:
-            label = "C kernel, bf16 weights (row-invariant by construction)"
-            return PackedLinear(None), label if config.deterministic else "off"
+            short = "bf16" if config.weight_dtype == "bfloat16" else "int8"
+            label = f"C kernel, {short} weights (row-invariant by construction)"
+            op = PackedLinear(None, int8=config.weight_dtype == "int8")
+            return op, label if config.deterministic else "off"
         if config.deterministic:
             return PackedLinear(None), "C kernel (row-invariant by construction)"
         return PackedLinear(cpu_linear.SMALL_ROWS), "off"

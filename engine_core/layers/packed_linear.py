@@ -8,8 +8,8 @@ the packs when the weights are released (``execution.rank``). As a safety net ea
 remembers which storage and version of its weight it was made from, and a forward on a weight
 that changed any other way repacks it first, so a stale pack is never used.
 
-Packs cost one more copy of the matrices (fp32 or bf16, as stored); the default KV budget
-counts it (``kv_budget``).
+Packs cost one more copy of the matrices (fp32 or bf16 as stored, a quarter of fp32 for int8);
+the default KV budget counts it (``kv_budget``).
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ class PackedLinear:
     mode) it hands off to the BLAS, which is faster there. ``None``: the kernel at every size
     (deterministic mode: it is row-invariant by construction, the BLAS is not)."""
 
-    def __init__(self, blas_above_rows: int | None) -> None:
+    def __init__(self, blas_above_rows: int | None, int8: bool = False) -> None:
         self.blas_above_rows = blas_above_rows
+        # Opt-in (weight_dtype="int8"): the packs hold int8 weights with per-output scales,
+        # the parameters stay in the compute dtype (loads, refits, checksums unchanged).
+        self.pack = cpu_linear.pack_int8 if int8 else cpu_linear.pack
         self._packs: dict[int, _Pack] = {}
 
     def __call__(
@@ -61,11 +64,11 @@ class PackedLinear:
             return entry.packed
         if entry is not None and entry.made_from[2:] == now[2:]:
             # Same shape and dtype (every refit): repack in place, so refits allocate nothing.
-            entry.packed = cpu_linear.pack(weight, into=entry.packed)
+            entry.packed = self.pack(weight, into=entry.packed)
             entry.made_from = now
             return entry.packed
         self._packs.pop(id(weight), None)  # free the stale pack before making the new one
-        entry = _Pack(weight, now, cpu_linear.pack(weight))
+        entry = _Pack(weight, now, self.pack(weight))
         self._packs[id(weight)] = entry
         return entry.packed
 

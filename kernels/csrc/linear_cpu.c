@@ -11,13 +11,14 @@
  * 16p..16p+15, k-major, so one k step reads 16 consecutive weights. Outputs past N are zero.
  *
  * Batch invariance by construction: output (m, n) is always acc = 0; for k = 0..K-1:
- * acc = fma(x[m, k], w[n, k], acc); then y = acc (+ b[n]). Every code path (the 1-row path, the
+ * acc = fma(x[m, k], w[n, k], acc); then y = acc (* scale[n] for int8 weights) (+ b[n]). Every code path (the 1-row path, the
  * 1..6-row micro-kernels, any thread split, any row chunking) runs exactly that sequence on
  * x[m, :] and w[n, :] only, so a row's result depends neither on M, on the other rows, nor on
  * the thread count -- nor on whether the weight was packed once or per call.
  *
- * Layouts (contiguous, row-major): x [M, K] fp32, w [N, K] fp32 or bf16 (uint16), panels as
- * above, b [N] fp32 or NULL, y [M, N] fp32.
+ * Layouts (contiguous, row-major): x [M, K] fp32, w [N, K] fp32, bf16 (uint16) or int8
+ * (symmetric, with per-output fp32 scales [N]; NULL for the float types), panels as above,
+ * b [N] fp32 or NULL, y [M, N] fp32.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -40,14 +41,23 @@ static inline __m256 hi8_bf16(const uint16_t *p) {
     return widen_bf16(_mm_loadu_si128((const __m128i *)(p + 8)));
 }
 
+/* int8 -> fp32 is exact; the per-output scale is applied once, after the sum. */
+static inline __m256 lo8_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline __m256 hi8_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
+}
+
 /* Masks and bias for a panel with `valid` real outputs (the last panel may be partial). */
 typedef struct {
     __m256i m0, m1;
-    __m256 b0, b1;
-    int has_bias;
+    __m256 b0, b1, s0, s1;
+    int has_bias, has_scale;
 } Tail;
 
-static inline Tail panel_tail(const float *b, int valid) {
+/* `scale` (int8 weights' per-output scales) or NULL; `b` the bias or NULL. */
+static inline Tail panel_tail(const float *scale, const float *b, int valid) {
     Tail t;
     t.m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     t.m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid),
@@ -55,10 +65,17 @@ static inline Tail panel_tail(const float *b, int valid) {
     t.has_bias = b != 0;
     t.b0 = b ? _mm256_maskload_ps(b, t.m0) : _mm256_setzero_ps();
     t.b1 = b ? _mm256_maskload_ps(b + 8, t.m1) : _mm256_setzero_ps();
+    t.has_scale = scale != 0;
+    t.s0 = scale ? _mm256_maskload_ps(scale, t.m0) : _mm256_setzero_ps();
+    t.s1 = scale ? _mm256_maskload_ps(scale + 8, t.m1) : _mm256_setzero_ps();
     return t;
 }
 
 static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
+    if (t->has_scale) {
+        r0 = _mm256_mul_ps(r0, t->s0);
+        r1 = _mm256_mul_ps(r1, t->s1);
+    }
     if (t->has_bias) {
         r0 = _mm256_add_ps(r0, t->b0);
         r1 = _mm256_add_ps(r1, t->b1);
@@ -85,21 +102,21 @@ static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
 
 /* MR rows of x times one panel. */
 #define DEFINE_MICRO(NAME, WT, LO, HI, MR)                                                       \
-    static void NAME##_micro##MR(const float *x, const WT *panel, const float *b, float *y,     \
-                                 int64_t K, int64_t N, int valid) {                              \
+    static void NAME##_micro##MR(const float *x, const WT *panel, const float *sc,              \
+                                 const float *b, float *y, int64_t K, int64_t N, int valid) {    \
         REP##MR(DECL);                                                                           \
         for (int64_t k = 0; k < K; k++) {                                                        \
             const __m256 w0 = LO(panel + k * P), w1 = HI(panel + k * P);                         \
             REP##MR(STEP)                                                                        \
         }                                                                                        \
-        const Tail t = panel_tail(b, valid);                                                     \
+        const Tail t = panel_tail(sc, b, valid);                                                 \
         REP##MR(STORE)                                                                           \
     }
 
 /* One row of x times four panels (eight chains in flight instead of two). */
 #define DEFINE_ROW(NAME, WT, LO, HI)                                                             \
-    static void NAME##_row4(const float *x, const WT *panels, const float *b, float *y,         \
-                            int64_t K, int64_t N, int64_t p0, int np) {                          \
+    static void NAME##_row4(const float *x, const WT *panels, const float *sc, const float *b,  \
+                            float *y, int64_t K, int64_t N, int64_t p0, int np) {                \
         __m256 acc[8];                                                                           \
         const WT *w[4];                                                                          \
         for (int q = 0; q < 4; q++) {                                                            \
@@ -117,7 +134,7 @@ static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
         for (int q = 0; q < np; q++) {                                                           \
             const int64_t n0 = (p0 + q) * P;                                                     \
             const int valid = (int)(N - n0 < P ? N - n0 : P);                                    \
-            const Tail t = panel_tail(b ? b + n0 : 0, valid);                                    \
+            const Tail t = panel_tail(sc ? sc + n0 : 0, b ? b + n0 : 0, valid);                   \
             store_row(y + n0, acc[2 * q], acc[2 * q + 1], &t);                                   \
         }                                                                                        \
     }
@@ -130,19 +147,19 @@ static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
     DEFINE_MICRO(NAME, WT, LO, HI, 5)                                                            \
     DEFINE_MICRO(NAME, WT, LO, HI, 6)                                                            \
     DEFINE_ROW(NAME, WT, LO, HI)                                                                 \
-    static void NAME##_block(const float *x, const WT *panel, const float *b, float *y,         \
-                             int64_t K, int64_t N, int mr, int valid) {                          \
+    static void NAME##_block(const float *x, const WT *panel, const float *sc, const float *b,  \
+                             float *y, int64_t K, int64_t N, int mr, int valid) {                \
         switch (mr) {                                                                            \
-        case 6: NAME##_micro6(x, panel, b, y, K, N, valid); return;                              \
-        case 5: NAME##_micro5(x, panel, b, y, K, N, valid); return;                              \
-        case 4: NAME##_micro4(x, panel, b, y, K, N, valid); return;                              \
-        case 3: NAME##_micro3(x, panel, b, y, K, N, valid); return;                              \
-        case 2: NAME##_micro2(x, panel, b, y, K, N, valid); return;                              \
-        default: NAME##_micro1(x, panel, b, y, K, N, valid); return;                             \
+        case 6: NAME##_micro6(x, panel, sc, b, y, K, N, valid); return;                          \
+        case 5: NAME##_micro5(x, panel, sc, b, y, K, N, valid); return;                          \
+        case 4: NAME##_micro4(x, panel, sc, b, y, K, N, valid); return;                          \
+        case 3: NAME##_micro3(x, panel, sc, b, y, K, N, valid); return;                          \
+        case 2: NAME##_micro2(x, panel, sc, b, y, K, N, valid); return;                          \
+        default: NAME##_micro1(x, panel, sc, b, y, K, N, valid); return;                         \
         }                                                                                        \
     }                                                                                            \
-    int NAME##_packed_linear(const float *x, const WT *panels, const float *b, float *y,        \
-                             int64_t M, int64_t N, int64_t K) {                                  \
+    int NAME##_packed_linear(const float *x, const WT *panels, const float *sc, const float *b, \
+                             float *y, int64_t M, int64_t N, int64_t K) {                        \
         const int64_t np = (N + P - 1) / P;                                                      \
         const int par = M * N * K >= PARALLEL_MIN;                                               \
         if (M == 1) {                                                                            \
@@ -150,7 +167,7 @@ static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
             _Pragma("omp parallel for schedule(static) if (par)")                                \
             for (int64_t g = 0; g < groups; g++) {                                               \
                 const int n = (int)(np - 4 * g < 4 ? np - 4 * g : 4);                             \
-                NAME##_row4(x, panels, b, y, K, N, 4 * g, n);                                    \
+                NAME##_row4(x, panels, sc, b, y, K, N, 4 * g, n);                                \
             }                                                                                    \
             return 0;                                                                            \
         }                                                                                        \
@@ -164,8 +181,8 @@ static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
                 const int64_t rows = m1 - m0, blocks = (rows + 5) / 6;                            \
                 for (int64_t i = 0, m = m0; i < blocks; i++) {                                   \
                     const int mr = (int)(rows / blocks + (i < rows % blocks));                    \
-                    NAME##_block(x + m * K, panels + p * K * P, b ? b + p * P : 0,               \
-                                 y + m * N + p * P, K, N, mr, valid);                            \
+                    NAME##_block(x + m * K, panels + p * K * P, sc ? sc + p * P : 0,             \
+                                 b ? b + p * P : 0, y + m * N + p * P, K, N, mr, valid);         \
                     m += mr;                                                                     \
                 }                                                                                \
             }                                                                                    \
@@ -189,3 +206,4 @@ static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
 
 DEFINE_LINEAR(f32w, float, lo8_f32, hi8_f32)
 DEFINE_LINEAR(bf16w, uint16_t, lo8_bf16, hi8_bf16)
+DEFINE_LINEAR(i8w, int8_t, lo8_i8, hi8_i8)
