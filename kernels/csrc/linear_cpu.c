@@ -113,30 +113,30 @@ static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
         REP##MR(STORE)                                                                           \
     }
 
-/* One row of x times four panels (eight chains in flight instead of two). */
+/* One row of x times four whole panels (eight chains in flight instead of two); named
+ * accumulators, as in the micro-kernels. Fewer than four panels left: micro1 per panel. */
+#define ROW_STEP(q, LO, HI)                                                                            \
+    r##q##0 = _mm256_fmadd_ps(a, LO(w##q + k * P), r##q##0);                                     \
+    r##q##1 = _mm256_fmadd_ps(a, HI(w##q + k * P), r##q##1);
+#define ROW_STORE(q)                                                                             \
+    {                                                                                            \
+        const int64_t n0 = (p0 + q) * P;                                                         \
+        const int valid = (int)(N - n0 < P ? N - n0 : P);                                        \
+        const Tail t = panel_tail(sc ? sc + n0 : 0, b ? b + n0 : 0, valid);                      \
+        store_row(y + n0, r##q##0, r##q##1, &t);                                                 \
+    }
 #define DEFINE_ROW(NAME, WT, LO, HI)                                                             \
     static void NAME##_row4(const float *x, const WT *panels, const float *sc, const float *b,  \
-                            float *y, int64_t K, int64_t N, int64_t p0, int np) {                \
-        __m256 acc[8];                                                                           \
-        const WT *w[4];                                                                          \
-        for (int q = 0; q < 4; q++) {                                                            \
-            acc[2 * q] = acc[2 * q + 1] = _mm256_setzero_ps();                                   \
-            w[q] = panels + (p0 + (q < np ? q : 0)) * K * P;                                     \
-        }                                                                                        \
+                            float *y, int64_t K, int64_t N, int64_t p0) {                        \
+        __m256 r00 = _mm256_setzero_ps(), r01 = r00, r10 = r00, r11 = r00;                       \
+        __m256 r20 = r00, r21 = r00, r30 = r00, r31 = r00;                                       \
+        const WT *w0 = panels + p0 * K * P, *w1 = w0 + K * P, *w2 = w1 + K * P,                  \
+                 *w3 = w2 + K * P;                                                               \
         for (int64_t k = 0; k < K; k++) {                                                        \
             const __m256 a = _mm256_broadcast_ss(x + k);                                         \
-            for (int q = 0; q < 4; q++) {                                                        \
-                if (q >= np) break;                                                              \
-                acc[2 * q] = _mm256_fmadd_ps(a, LO(w[q] + k * P), acc[2 * q]);                   \
-                acc[2 * q + 1] = _mm256_fmadd_ps(a, HI(w[q] + k * P), acc[2 * q + 1]);           \
-            }                                                                                    \
+            ROW_STEP(0, LO, HI) ROW_STEP(1, LO, HI) ROW_STEP(2, LO, HI) ROW_STEP(3, LO, HI)      \
         }                                                                                        \
-        for (int q = 0; q < np; q++) {                                                           \
-            const int64_t n0 = (p0 + q) * P;                                                     \
-            const int valid = (int)(N - n0 < P ? N - n0 : P);                                    \
-            const Tail t = panel_tail(sc ? sc + n0 : 0, b ? b + n0 : 0, valid);                   \
-            store_row(y + n0, acc[2 * q], acc[2 * q + 1], &t);                                   \
-        }                                                                                        \
+        ROW_STORE(0) ROW_STORE(1) ROW_STORE(2) ROW_STORE(3)                                      \
     }
 
 #define DEFINE_LINEAR(NAME, WT, LO, HI)                                                          \
@@ -166,8 +166,15 @@ static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
             const int64_t groups = (np + 3) / 4;                                                 \
             _Pragma("omp parallel for schedule(static) if (par)")                                \
             for (int64_t g = 0; g < groups; g++) {                                               \
-                const int n = (int)(np - 4 * g < 4 ? np - 4 * g : 4);                             \
-                NAME##_row4(x, panels, sc, b, y, K, N, 4 * g, n);                                \
+                if (4 * g + 4 <= np) {                                                           \
+                    NAME##_row4(x, panels, sc, b, y, K, N, 4 * g);                               \
+                    continue;                                                                    \
+                }                                                                                \
+                for (int64_t p = 4 * g; p < np; p++) {                                           \
+                    const int valid = (int)(N - p * P < P ? N - p * P : P);                      \
+                    NAME##_micro1(x, panels + p * K * P, sc ? sc + p * P : 0, b ? b + p * P : 0, \
+                                  y + p * P, K, N, valid);                                       \
+                }                                                                                \
             }                                                                                    \
             return 0;                                                                            \
         }                                                                                        \
