@@ -116,6 +116,14 @@ class Rank:
         self.refit.after_commit(self.config.keep_refit_staging)
         return count
 
+    def close(self) -> None:
+        """Free the KV cache and the packed weights at engine shutdown (an in-process rank
+        otherwise holds them as long as anything references the engine). The parameters
+        stay, so a closed engine's weights can still be read."""
+        self.kv.release()
+        if self.packed is not None:
+            self.packed.release()
+
     def _repack(self) -> None:
         """The packed matmul's copies follow every write of the parameters."""
         if self.packed is not None:

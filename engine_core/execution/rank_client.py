@@ -151,7 +151,7 @@ class LocalRanks:
         return method(self.rank, *per_rank[0])
 
     def shutdown(self) -> None:
-        pass
+        self.rank.close()  # worker processes free theirs by exiting
 
 
 def _free_port() -> int:
