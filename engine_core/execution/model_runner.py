@@ -76,7 +76,8 @@ def engine_linear(config: EngineConfig, model_cfg: ModelConfig, tp_size: int, dt
 
     On CPU in fp32 with the C kernel built: packed weights, the kernel for decode-sized
     batches and the BLAS for prefill in default mode, the kernel at every size in
-    deterministic mode (row-invariant by construction). bf16-stored weights need the kernel.
+    deterministic mode (row-invariant by construction). bf16-stored and int8-packed weights
+    need the kernel.
     """
     device = torch.device(config.device)
     narrow = config.weight_dtype in ("bfloat16", "int8")

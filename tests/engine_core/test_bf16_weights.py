@@ -87,7 +87,12 @@ def test_deterministic_bf16_weights_are_batch_invariant(model_dir):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"weight_dtype": "int4"}, {"weight_dtype": "bfloat16", "dtype": "bfloat16"}]
+    "kwargs",
+    [
+        {"weight_dtype": "int4"},
+        {"weight_dtype": "bfloat16", "dtype": "bfloat16"},
+        {"weight_dtype": "int8", "dtype": "bfloat16"},
+    ],
 )
 def test_bad_weight_dtype_is_refused_by_name(kwargs):
     with pytest.raises(InvalidConfigError, match="weight_dtype"):

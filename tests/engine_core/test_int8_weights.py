@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from test_bf16_weights import PROMPTS, logprobs, max_gap
 
 from engine_core import Engine
-from engine_core.errors import InvalidConfigError
 from kernels import cpu_linear
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="no C compiler / AVX2+FMA")
@@ -77,11 +76,3 @@ def test_deterministic_int8_weights_are_batch_invariant(model_dir):
         assert "int8" in e.get_server_info()["deterministic_matmul"]
         alone = [logprobs(e, [p])[0] for p in PROMPTS]
         assert logprobs(e) == alone
-
-
-@pytest.mark.parametrize(
-    "kwargs", [{"weight_dtype": "int4"}, {"weight_dtype": "int8", "dtype": "bfloat16"}]
-)
-def test_bad_weight_dtype_is_refused_by_name(kwargs):
-    with pytest.raises(InvalidConfigError, match="weight_dtype"):
-        Engine("/nonexistent", device="cpu", **kwargs)
