@@ -50,6 +50,13 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
+def _kernel(dtype: torch.dtype):
+    lib = _library()
+    assert lib is not None, "C kernel unavailable; check available() first"
+    return getattr(lib, f"{_PREFIX[dtype]}_packed_linear")
+
+
 def available() -> bool:
     return _library() is not None
 
@@ -122,29 +129,31 @@ def packed_linear(
     x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``x`` [..., K] fp32 times a packed weight, plus ``bias`` [N]: [..., N] fp32."""
-    lib = _library()
-    assert lib is not None, "C kernel unavailable; check available() first"
-    assert x.device.type == "cpu" and x.dtype == torch.float32, (x.device, x.dtype)
-    *lead, k = x.shape
+    # Lean on purpose: a batch-1 decode step makes 121 of these calls, and each torch op or
+    # device check here costs microseconds against a ~100 us kernel (docs/PERFORMANCE.md).
+    k = x.shape[-1]
     n = weight.out_features
-    assert weight.in_features == k, f"x has {k} features, weight {n}x{weight.in_features}"
-    x2 = x.reshape(-1, k).contiguous()
-    b = None if bias is None else bias.to(torch.float32).contiguous()
-    out = torch.empty((x2.shape[0], n), dtype=torch.float32)
-    panels, scales = weight.panels, weight.scales
-    fn = getattr(lib, f"{_PREFIX[panels.dtype]}_packed_linear")
-    if x2.shape[0]:
-        fn(
+    if weight.in_features != k:  # the kernel would read past x's rows
+        raise ValueError(f"x has {k} features, weight {n}x{weight.in_features}")
+    if x.dtype != torch.float32 or x.is_cuda:
+        raise ValueError(f"packed_linear takes fp32 CPU input, got {x.dtype} on {x.device}")
+    x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
+    rows = x2.shape[0]
+    out = torch.empty((rows, n), dtype=torch.float32)
+    if rows:
+        scales = weight.scales
+        b = None if bias is None else bias.to(torch.float32).contiguous()
+        _kernel(weight.panels.dtype)(
             x2.data_ptr(),
-            panels.data_ptr(),
+            weight.panels.data_ptr(),
             None if scales is None else scales.data_ptr(),
             None if b is None else b.data_ptr(),
             out.data_ptr(),
-            x2.shape[0],
+            rows,
             n,
             k,
         )
-    return out.reshape(*lead, n)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -92,3 +92,14 @@ def test_packed_once_equals_packed_per_call():
         assert not packed.panels[2, :, 37 - 32 :].any()  # outputs past N are zero
         assert torch.equal(cpu_linear.packed_linear(x, packed, b), cpu_linear.linear(x, w, b))
     assert cpu_linear.supports(x, w) and not cpu_linear.supports(x.double(), w)
+
+
+def test_packed_linear_refuses_mismatched_input():
+    """A wrong feature count or dtype is refused by name before the kernel reads past x."""
+    packed = cpu_linear.pack(torch.randn(20, 8))
+    with pytest.raises(ValueError, match="x has 9 features, weight 20x8"):
+        cpu_linear.packed_linear(torch.randn(3, 9), packed)
+    with pytest.raises(ValueError, match="fp32 CPU input"):
+        cpu_linear.packed_linear(torch.randn(3, 8, dtype=torch.float64), packed)
+    x3 = torch.randn(2, 3, 8)  # leading dims still come back
+    assert cpu_linear.packed_linear(x3, packed).shape == (2, 3, 20)
