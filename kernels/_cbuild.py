@@ -24,6 +24,18 @@ def _cache_dir() -> str:
     return os.path.join(base, "rl-rollout", "kernels")
 
 
+def _cpu_identity() -> bytes:
+    """The CPU's model and feature flags: ``-march=native`` code built on one CPU can fault on
+    another (a shared or copied cache directory), so the cache key names the CPU."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return platform.processor().encode()
+    wanted = (b"model name", b"flags")
+    return b"\n".join(sorted({ln for ln in lines if ln.split(b":")[0].strip() in wanted}))
+
+
 def _build(source: str, target: str, flags: list[str]) -> None:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -50,7 +62,9 @@ def load(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     source = os.path.join(CSRC, f"{name}.c")
     flags = [*FLAGS, *extra_flags]
     with open(source, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join(flags).encode() + platform.machine().encode())
+        key = hashlib.sha256(
+            f.read() + " ".join(flags).encode() + platform.machine().encode() + _cpu_identity()
+        )
     target = os.path.join(_cache_dir(), f"{name}_{key.hexdigest()[:16]}.so")
     try:
         if not os.path.exists(target):
