@@ -135,8 +135,10 @@ def packed_linear(
     n = weight.out_features
     if weight.in_features != k:  # the kernel would read past x's rows
         raise ValueError(f"x has {k} features, weight {n}x{weight.in_features}")
-    if x.dtype != torch.float32 or x.is_cuda:
+    if x.dtype != torch.float32 or not x.is_cpu:
         raise ValueError(f"packed_linear takes fp32 CPU input, got {x.dtype} on {x.device}")
+    if bias is not None and bias.numel() != n:  # the kernel reads n bias values
+        raise ValueError(f"bias has {bias.numel()} values, weight has {n} outputs")
     x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, k).contiguous()
     rows = x2.shape[0]
     out = torch.empty((rows, n), dtype=torch.float32)

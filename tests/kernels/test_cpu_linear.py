@@ -101,5 +101,7 @@ def test_packed_linear_refuses_mismatched_input():
         cpu_linear.packed_linear(torch.randn(3, 9), packed)
     with pytest.raises(ValueError, match="fp32 CPU input"):
         cpu_linear.packed_linear(torch.randn(3, 8, dtype=torch.float64), packed)
+    with pytest.raises(ValueError, match="bias has 19 values, weight has 20 outputs"):
+        cpu_linear.packed_linear(torch.randn(3, 8), packed, torch.zeros(19))
     x3 = torch.randn(2, 3, 8)  # leading dims still come back
     assert cpu_linear.packed_linear(x3, packed).shape == (2, 3, 20)
