@@ -103,10 +103,12 @@ static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
 /* MR rows of x times one panel. */
 #define DEFINE_MICRO(NAME, WT, LO, HI, MR)                                                       \
     static void NAME##_micro##MR(const float *x, const WT *panel, const float *sc,              \
-                                 const float *b, float *y, int64_t K, int64_t N, int valid) {    \
+                                 const float *b, float *y, int64_t K, int64_t N, int valid,      \
+                                 const WT *next) {                                               \
         REP##MR(DECL);                                                                           \
         for (int64_t k = 0; k < K; k++) {                                                        \
             const __m256 w0 = LO(panel + k * P), w1 = HI(panel + k * P);                         \
+            if (next) _mm_prefetch((const char *)(next + k * P), _MM_HINT_T1);                   \
             REP##MR(STEP)                                                                        \
         }                                                                                        \
         const Tail t = panel_tail(sc, b, valid);                                                 \
@@ -148,14 +150,15 @@ static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
     DEFINE_MICRO(NAME, WT, LO, HI, 6)                                                            \
     DEFINE_ROW(NAME, WT, LO, HI)                                                                 \
     static void NAME##_block(const float *x, const WT *panel, const float *sc, const float *b,  \
-                             float *y, int64_t K, int64_t N, int mr, int valid) {                \
+                             float *y, int64_t K, int64_t N, int mr, int valid,                  \
+                             const WT *next) {                                                   \
         switch (mr) {                                                                            \
-        case 6: NAME##_micro6(x, panel, sc, b, y, K, N, valid); return;                          \
-        case 5: NAME##_micro5(x, panel, sc, b, y, K, N, valid); return;                          \
-        case 4: NAME##_micro4(x, panel, sc, b, y, K, N, valid); return;                          \
-        case 3: NAME##_micro3(x, panel, sc, b, y, K, N, valid); return;                          \
-        case 2: NAME##_micro2(x, panel, sc, b, y, K, N, valid); return;                          \
-        default: NAME##_micro1(x, panel, sc, b, y, K, N, valid); return;                         \
+        case 6: NAME##_micro6(x, panel, sc, b, y, K, N, valid, next); return;                    \
+        case 5: NAME##_micro5(x, panel, sc, b, y, K, N, valid, next); return;                    \
+        case 4: NAME##_micro4(x, panel, sc, b, y, K, N, valid, next); return;                    \
+        case 3: NAME##_micro3(x, panel, sc, b, y, K, N, valid, next); return;                    \
+        case 2: NAME##_micro2(x, panel, sc, b, y, K, N, valid, next); return;                    \
+        default: NAME##_micro1(x, panel, sc, b, y, K, N, valid, next); return;                   \
         }                                                                                        \
     }                                                                                            \
     int NAME##_packed_linear(const float *x, const WT *panels, const float *sc, const float *b, \
@@ -173,7 +176,7 @@ static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
                 for (int64_t p = 4 * g; p < np; p++) {                                           \
                     const int valid = (int)(N - p * P < P ? N - p * P : P);                      \
                     NAME##_micro1(x, panels + p * K * P, sc ? sc + p * P : 0, b ? b + p * P : 0, \
-                                  y + p * P, K, N, valid);                                       \
+                                  y + p * P, K, N, valid, 0);                                    \
                 }                                                                                \
             }                                                                                    \
             return 0;                                                                            \
@@ -186,10 +189,14 @@ static inline void store_row(float *y, __m256 r0, __m256 r1, const Tail *t) {
                 /* Rows split evenly over ceil(rows / 6) blocks: 32 = 5+5+5+5+6+6, not 6*5+2 \
                  * (a 2-row block waits on FMA latency as long as a full one). */               \
                 const int64_t rows = m1 - m0, blocks = (rows + 5) / 6;                            \
+                /* The first block pulls the next panel toward L2 while it computes, so    \
+                 * the next panel's blocks do not wait on DRAM one line at a time. */         \
+                const WT *next = p + 1 < np ? panels + (p + 1) * K * P : 0;                      \
                 for (int64_t i = 0, m = m0; i < blocks; i++) {                                   \
                     const int mr = (int)(rows / blocks + (i < rows % blocks));                    \
                     NAME##_block(x + m * K, panels + p * K * P, sc ? sc + p * P : 0,             \
-                                 b ? b + p * P : 0, y + m * N + p * P, K, N, mr, valid);         \
+                                 b ? b + p * P : 0, y + m * N + p * P, K, N, mr, valid,          \
+                                 i == 0 ? next : 0);                                             \
                     m += mr;                                                                     \
                 }                                                                                \
             }                                                                                    \
