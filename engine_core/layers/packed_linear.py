@@ -55,9 +55,10 @@ class PackedLinear:
         rows = x.numel() // max(1, x.shape[-1])
         if self.blas_above_rows is not None and rows > self.blas_above_rows:
             return F.linear(x, weight.to(x.dtype), bias)
-        return cpu_linear.packed_linear(x, self._packed(weight), bias)
+        return cpu_linear.packed_linear(x, self.packed(weight), bias)
 
-    def _packed(self, weight: torch.Tensor) -> cpu_linear.PackedWeight:
+    def packed(self, weight: torch.Tensor) -> cpu_linear.PackedWeight:
+        """``weight``'s pack, made (again) first if the weight changed since it was packed."""
         entry = self._packs.get(id(weight))
         now = _identity(weight)
         if entry is not None and entry.made_from == now:
@@ -77,9 +78,9 @@ class PackedLinear:
         refit commit or a resume, so the next step does not pay for it."""
         for module in model.modules():
             if isinstance(module, ShardedLinear) and module.fn is self:
-                self._packed(module.weight)
+                self.packed(module.weight)
             elif isinstance(module, ParallelLMHead) and module.fn is self:
-                self._packed(module.head_weight)
+                self.packed(module.head_weight)
 
     def release(self) -> int:
         """Drop every pack (the weights are being released); returns the bytes freed."""

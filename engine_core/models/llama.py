@@ -41,12 +41,14 @@ PACKED: dict[str, tuple[str, object]] = {
 @dataclass(frozen=True)
 class ModelOps:
     """Ops chosen once per engine: the matmul (deterministic mode swaps in a batch-invariant
-    one), the attention backend (``layers.attention.choose_backend``) and the elementwise ops
-    (``layers.elementwise.choose_elementwise``)."""
+    one), the attention backend (``layers.attention.choose_backend``), the elementwise ops
+    (``layers.elementwise.choose_elementwise``) and, where all of those are C kernels, the
+    one-call decoder layer (``layers.fused_layer.choose_fused_layer``; None otherwise)."""
 
     attention: Any
     linear: LinearFn = F.linear
     elementwise: Elementwise = TORCH
+    fused_layer: Any = None
 
 
 class Attention(nn.Module):
@@ -104,8 +106,12 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, tp, be)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, be.elementwise)
         self.mlp = MLP(cfg, tp, be)
+        # q/k norms (Qwen3) sit between kernels the one-call layer runs back to back.
+        self.fused = None if cfg.qk_norm else be.fused_layer
 
     def forward(self, rope: RopeTables, x, meta):
+        if self.fused is not None and self.fused.takes(x, meta):
+            return self.fused(self, rope, x, meta)  # bitwise the modules below
         attended = self.self_attn(rope, self.input_layernorm(x), meta)
         x, h = self.post_attention_layernorm.add_norm(x, attended)
         return x + self.mlp(h)

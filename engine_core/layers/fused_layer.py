@@ -1,0 +1,123 @@
+"""``FusedDecoderLayer``: a Llama decoder layer as one C call (``kernels.cpu_decoder_layer``)
+for the steps whose every op already runs a C kernel -- chosen once per engine like the
+matmul, the attention backend and the elementwise ops.
+
+It takes a step when every row goes through the C attention kernel and the packed linear
+(decode steps in default mode, every step in deterministic mode) and the step is at most
+``MAX_ROWS`` rows; other steps (prefill through SDPA/BLAS) run the modules. The result is
+bitwise the modules' (same kernels, same order), so which path a step takes changes no bit:
+deterministic mode and the trainer-side alignment hold whatever the mix.
+
+Built only for fp32 CPU engines with TP 1 (a row-parallel layer all-reduces between the
+kernels) on the packed linear, the C attention and the fused elementwise ops; a layer with
+q/k norms (Qwen3) keeps its modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine_core.layers.attention_backends import CpuKernelAttention, RowsMeta
+from engine_core.layers.elementwise import CpuFusedElementwise
+from engine_core.layers.packed_linear import PackedLinear
+from engine_core.layers.rotary import RopeTables
+from kernels import cpu_decoder_layer as c
+
+# Above this many rows the per-op overhead this saves is a small share of the step, and the
+# workspace (~31 KB a row on the default model) stays bounded.
+MAX_ROWS = 512
+
+
+class FusedDecoderLayer:
+    """The one-call layer for an engine (see the module docstring)."""
+
+    def __init__(self, linear: PackedLinear) -> None:
+        self.linear = linear
+        self.max_rows = MAX_ROWS
+        if linear.blas_above_rows is not None:  # default mode: the BLAS takes bigger steps
+            self.max_rows = min(MAX_ROWS, linear.blas_above_rows)
+        # The step being run: its attention metadata and RoPE tables (kept alive while the
+        # C structure points at them), the structure, and its workspace.
+        self._step_of: tuple[Any, Any] | None = None
+        self._step: c.Step | None = None
+        self._workspace = torch.empty(0)
+
+    def takes(self, x: torch.Tensor, meta: Any) -> bool:
+        """Whether this step's rows all run C kernels (else the modules run it)."""
+        return (
+            isinstance(meta, RowsMeta)
+            and meta.decode_rows is None
+            and not meta.prefills
+            and x.dim() == 2
+            and x.shape[0] <= self.max_rows
+            and x.dtype == torch.float32
+            and x.is_contiguous()
+        )
+
+    def __call__(self, layer, rope: RopeTables, x: torch.Tensor, meta: RowsMeta) -> torch.Tensor:
+        attn = layer.self_attn.attn
+        if self._step_of is None or self._step_of[0] is not meta or self._step_of[1] is not rope:
+            self._start_step(layer, rope, x, meta)
+        packs = [
+            self.linear.packed(m.weight)
+            for m in (
+                layer.self_attn.qkv_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_up_proj,
+                layer.mlp.down_proj,
+            )
+        ]
+        bias = layer.self_attn.qkv_proj.bias
+        weights = c.Layer(
+            layer.input_layernorm.weight.data_ptr(),
+            layer.post_attention_layernorm.weight.data_ptr(),
+            *(p.panels.data_ptr() for p in packs),
+            *(None if p.scales is None else p.scales.data_ptr() for p in packs),
+            None if bias is None else bias.data_ptr(),
+            attn.k_cache.data_ptr(),
+            attn.v_cache.data_ptr(),
+            layer.input_layernorm.eps,
+            layer.post_attention_layernorm.eps,
+        )
+        return c.decoder_layer(c.kernels(packs[0].panels.dtype), weights, self._step, x)
+
+    def _start_step(self, layer, rope: RopeTables, x: torch.Tensor, meta: RowsMeta) -> None:
+        attn = layer.self_attn.attn
+        rows, hidden = x.shape
+        inter = layer.mlp.down_proj.weight.shape[1]
+        dims = (hidden, attn.num_heads, attn.num_kv_heads, attn.head_dim, inter)
+        need = c.workspace_floats(rows, *dims)
+        if self._workspace.numel() < need:
+            self._workspace = torch.empty(need, dtype=torch.float32)
+        cos, sin = (t.contiguous() for t in rope)
+        self._step_of = (meta, rope, cos, sin)
+        self._step = c.Step(
+            rows,
+            *dims[:-1],
+            inter,
+            attn.k_cache.shape[1],
+            meta.all_pages.shape[1],
+            attn.scale,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            meta.slot_mapping.data_ptr(),
+            meta.all_pages.data_ptr(),
+            meta.row_seq.data_ptr(),
+            meta.row_pos.data_ptr(),
+            self._workspace.data_ptr(),
+        )
+
+
+def choose_fused_layer(linear, attention, elementwise, tp_size: int) -> FusedDecoderLayer | None:
+    """The one-call layer where every op it fuses is a C kernel here, else None."""
+    if (
+        tp_size == 1
+        and isinstance(linear, PackedLinear)
+        and isinstance(attention, CpuKernelAttention)
+        and isinstance(elementwise, CpuFusedElementwise)
+        and c.available()
+    ):
+        return FusedDecoderLayer(linear)
+    return None

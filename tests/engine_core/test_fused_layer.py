@@ -1,0 +1,101 @@
+"""The one-call decoder layer (``engine_core.layers.fused_layer``, ``kernels.cpu_decoder_layer``):
+chosen where every op it fuses is a C kernel, taken only by steps whose rows all run those
+kernels, and bitwise the module path on every step it takes -- in default and deterministic
+mode, with a qkv bias, and with narrow weight packs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_core import Engine
+from engine_core.layers import fused_layer
+from engine_core.layers.attention_backends import RowsMeta
+from engine_core.layers.fused_layer import FusedDecoderLayer
+from engine_core.layers.packed_linear import PackedLinear
+from kernels import cpu_decoder_layer
+
+pytestmark = pytest.mark.skipif(
+    not cpu_decoder_layer.available(), reason="no C compiler / AVX2+FMA"
+)
+
+PROMPTS = [[5 + i for i in range(n)] for n in (3, 17, 40, 9)]
+PARAMS = {"max_new_tokens": 7, "temperature": 0.0, "ignore_eos": True, "n": 2}
+
+
+def _layers(engine: Engine):
+    return engine.ranks._transport.rank.runner.model.model.layers
+
+
+def _rollout(path: str, fused: bool, monkeypatch, **config):
+    """Outputs and logprobs of one rollout, and how many layer calls took the one-call path."""
+    calls = []
+    real_call = FusedDecoderLayer.__call__
+
+    def counted(self, *args):
+        calls.append(args[2].shape[0])
+        return real_call(self, *args)
+
+    monkeypatch.setattr(FusedDecoderLayer, "__call__", counted)
+    with Engine(path, skip_tokenizer_init=True, **config) as engine:
+        if not fused:
+            for layer in _layers(engine):
+                layer.fused = None
+        outs = engine.generate(input_ids=PROMPTS, sampling_params=PARAMS, return_logprob=True)
+    got = [(o["output_ids"], o["meta_info"]["output_token_logprobs"]) for o in outs]
+    return got, calls
+
+
+@pytest.mark.parametrize(
+    "kind, config",
+    [
+        ("llama", {}),
+        ("llama", {"deterministic": True}),
+        ("qwen2", {}),  # qkv bias
+        ("qwen2", {"deterministic": True}),
+        ("llama", {"weight_dtype": "int8"}),
+        ("llama", {"weight_dtype": "bfloat16", "deterministic": True}),
+    ],
+)
+def test_the_one_call_layer_is_bitwise_the_modules(model_dir, monkeypatch, kind, config):
+    path = model_dir(kind)
+    fused, calls = _rollout(path, True, monkeypatch, **config)
+    modules, none = _rollout(path, False, monkeypatch, **config)
+    assert calls and not none  # the fused run took it, the other never did
+    assert fused == modules
+    if config.get("deterministic"):  # every step runs C kernels, prefill chunks included
+        assert max(calls) > 1 and max(calls) >= max(len(p) for p in PROMPTS)
+    else:  # decode steps only: one row per running sequence
+        assert max(calls) <= len(PROMPTS) * PARAMS["n"]
+
+
+def test_chosen_where_every_fused_op_is_a_c_kernel(model_dir):
+    with Engine(model_dir("llama"), skip_tokenizer_init=True) as engine:
+        assert all(isinstance(layer.fused, FusedDecoderLayer) for layer in _layers(engine))
+    # q/k norms sit between the kernels: Qwen3 keeps its modules.
+    with Engine(model_dir("qwen3"), skip_tokenizer_init=True) as engine:
+        assert all(layer.fused is None for layer in _layers(engine))
+    assert fused_layer.choose_fused_layer(torch.nn.functional.linear, None, None, 1) is None
+    assert fused_layer.choose_fused_layer(PackedLinear(None), None, None, 2) is None
+
+
+def _meta(rows: int, decode_rows=None, prefills=()) -> RowsMeta:
+    i64 = torch.zeros(rows, dtype=torch.long)
+    return RowsMeta(i64, i64.view(rows, 1), i64, i64, decode_rows, list(prefills))
+
+
+def test_takes_only_steps_whose_rows_all_run_c_kernels():
+    default = FusedDecoderLayer(PackedLinear(256))
+    x = torch.zeros(4, 8)
+    assert default.takes(x, _meta(4))
+    assert not default.takes(x, _meta(4, decode_rows=torch.tensor([0, 1])))  # mixed step
+    assert not default.takes(x, _meta(4, prefills=[object()]))  # a chunk through SDPA
+    assert not default.takes(x, object())  # another backend's metadata
+    assert not default.takes(x.double(), _meta(4))
+    assert not default.takes(torch.zeros(8, 4).t(), _meta(4))  # not contiguous
+    big = torch.zeros(257, 8)
+    assert not default.takes(big, _meta(257))  # the BLAS takes these rows in default mode
+    deterministic = FusedDecoderLayer(PackedLinear(None))
+    assert deterministic.takes(big, _meta(257))
+    rows = fused_layer.MAX_ROWS + 1
+    assert not deterministic.takes(torch.zeros(rows, 8), _meta(rows))  # workspace bound
