@@ -9,10 +9,11 @@ prefix caches are flushed between policies, each policy gets its own ``RolloutDr
   default) or all in one rollout call (``--arrival batch``). Each engine's KV holds
   ``1/engines`` of the system prompts (plus the running tails), so where a prefix is sent
   decides whether it is still cached.
-- **conversations**: ``--conversations`` multi-turn conversations of ``--turns`` turns; each
-  turn of every conversation is one prompt of the next rollout call (history + the previous
-  answer + ``--turn-tokens`` new tokens; the conversations' order is shuffled every turn),
-  with ``session_id`` naming the conversation.
+- **conversations**: ``--conversations`` multi-turn conversations of ``--turns`` turns (history
+  + the previous answer + ``--turn-tokens`` new tokens each turn), ``session_id`` naming the
+  conversation. With ``--arrival stream`` each conversation sends its next turn as soon as its
+  last one returns (an agentic rollout); with ``batch`` each turn of every conversation is one
+  rollout call.
 
 Per policy: the hit rate (the engines' ``prefix_cache`` counters: prompt tokens served from
 the cache / prompt tokens looked up), the prefill saved (1 - tokens prefilled / prompt tokens),
@@ -92,29 +93,65 @@ def run_shared(driver, args, prompts, num_engines: int) -> tuple[list[dict], flo
     return outs, time.perf_counter() - start
 
 
-def run_conversations(driver, args, seed: int) -> tuple[list[dict], float]:
-    rng = random.Random(seed)
-    histories = [tokens(rng, args, args.first_tokens) for _ in range(args.conversations)]
+def run_conversations(driver, args, seed: int, num_engines: int) -> tuple[list[dict], float]:
+    """``--arrival stream`` (default): every conversation runs on its own, as agentic
+    rollouts do -- its next turn (history + the answer + ``--turn-tokens`` new tokens) is sent
+    as soon as its previous turn returns, at most ``--in-flight`` per engine at a time.
+    ``batch``: each turn of every conversation is one rollout call (conversations shuffled every
+    turn), so a turn waits for the slowest conversation of the one before. Each conversation's
+    tokens come from its own seeded generator: the workload is the same for every policy
+    whatever order turns complete in."""
+    rngs = [random.Random(seed * 1000 + c) for c in range(args.conversations)]
+    histories = [tokens(rngs[c], args, args.first_tokens) for c in range(args.conversations)]
     sessions = [f"conv{c}" for c in range(args.conversations)]
-    outputs, wall = [], 0.0
-    for _ in range(args.turns):
-        # Turns arrive in a different order each round (as conversations finish), so a fixed
-        # rotation cannot keep a conversation on one engine by accident.
-        order = list(range(args.conversations))
-        rng.shuffle(order)
-        start = time.perf_counter()
-        outs = ray.get(
-            driver.generate.remote(
-                input_ids=[histories[c] for c in order],
-                sampling_params=params(args),
-                session_id=[sessions[c] for c in order],
+    turns_done = [0] * args.conversations
+    outputs: list[dict] = []
+
+    def next_turn(c: int, out: dict) -> None:
+        outputs.append(out)
+        turns_done[c] += 1
+        histories[c] = histories[c] + out["output_ids"] + tokens(rngs[c], args, args.turn_tokens)
+
+    start = time.perf_counter()
+    if args.arrival == "batch":
+        order_rng = random.Random(seed)
+        for _ in range(args.turns):
+            # Turns arrive in a different order each round (as conversations finish), so a
+            # fixed rotation cannot keep a conversation on one engine by accident.
+            order = list(range(args.conversations))
+            order_rng.shuffle(order)
+            outs = ray.get(
+                driver.generate.remote(
+                    input_ids=[histories[c] for c in order],
+                    sampling_params=params(args),
+                    session_id=[sessions[c] for c in order],
+                )
             )
-        )
-        wall += time.perf_counter() - start
-        outputs += outs
-        for c, out in zip(order, outs):
-            histories[c] = histories[c] + out["output_ids"] + tokens(rng, args, args.turn_tokens)
-    return outputs, wall
+            for c, out in zip(order, outs):
+                next_turn(c, out)
+        return outputs, time.perf_counter() - start
+
+    waiting = list(range(args.conversations))
+    pending: dict[Any, int] = {}
+
+    def submit() -> None:
+        while waiting and len(pending) < args.in_flight * num_engines:
+            c = waiting.pop(0)
+            ref = driver.generate.remote(
+                input_ids=[histories[c]], sampling_params=params(args), session_id=[sessions[c]]
+            )
+            pending[ref] = c
+
+    submit()
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            c = pending.pop(ref)
+            next_turn(c, ray.get(ref)[0])
+            if turns_done[c] < args.turns:
+                waiting.append(c)
+        submit()
+    return outputs, time.perf_counter() - start
 
 
 def cache_counters(engines) -> tuple[int, int, int]:
@@ -191,7 +228,7 @@ def one_size(num_engines: int, args) -> list[dict[str, Any]]:
                     prompts = shared_prefix(args, random.Random(1))
                     outs, wall = run_shared(driver, args, prompts, num_engines)
                 else:
-                    outs, wall = run_conversations(driver, args, seed=2)
+                    outs, wall = run_conversations(driver, args, 2, num_engines)
                 results[policy] = measure(outs, wall, before, cache_counters(service.engines))
                 results[policy]["stats"] = ray.get(driver.routing_stats.remote()).get("decisions")
                 ray.kill(driver)
@@ -268,8 +305,13 @@ def main() -> None:
         f"{args.systems} system prompts x {args.system_tokens} tokens x {args.questions} "
         f"questions of {args.question_tokens} tokens, {arrival}. "
         f"Conversations: {args.conversations} x {args.turns} turns ({args.first_tokens}-token "
-        f"start, +{args.turn_tokens} tokens a turn, session_id per conversation, each turn one "
-        "call). Hit rate = "
+        f"start, +{args.turn_tokens} tokens a turn, session_id per conversation, "
+        + (
+            "each turn of all conversations one call"
+            if args.arrival == "batch"
+            else "each conversation sending its next turn as soon as its last one returns"
+        )
+        + "). Hit rate = "
         "the engines' own `prefix_cache` counters over the workload (hit / looked-up prompt "
         "tokens, per admission); prefill saved = 1 - tokens prefilled / prompt tokens (a "
         "retracted request's recomputation counts against it). Same engines for every "
