@@ -80,6 +80,14 @@ static float softmax_numerators(float *s, int64_t n) {
     return reduce_lanes(total);
 }
 
+/* Positions 0..n-1 in order, page by page: `j` the position, `row` its cache row. The page
+ * walk replaces a division and a modulo by the (runtime) page size per position, which cost
+ * more than the arithmetic they addressed. */
+#define FOR_POSITIONS(n, pages, ps, j, row)                                                      \
+    for (int64_t page_ = 0, j = 0; j < (n); page_++)                                             \
+        for (int64_t row = (pages)[page_] * (ps), end_ = row + ((n) - j < (ps) ? (n) - j : (ps)); \
+             row < end_; row++, j++)
+
 /* out[0..D) = sum_j w[j] v_j / total, accumulated in position order. */
 static void weighted_values(const float *w, int64_t n, const float *v_cache, const int64_t *pages,
                             int64_t ps, int64_t row_stride, int64_t D, float total, float *out) {
@@ -87,8 +95,8 @@ static void weighted_values(const float *w, int64_t n, const float *v_cache, con
         const int64_t width = D - d0 < 4 * LANES ? D - d0 : 4 * LANES;
         if (width == 4 * LANES) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t j = 0; j < n; j++) {
-                const float *v = v_cache + (pages[j / ps] * ps + j % ps) * row_stride + d0;
+            FOR_POSITIONS(n, pages, ps, j, row) {
+                const float *v = v_cache + row * row_stride + d0;
                 const __m256 wj = _mm256_set1_ps(w[j]);
                 a0 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v), a0);
                 a1 = _mm256_fmadd_ps(wj, _mm256_loadu_ps(v + 8), a1);
@@ -104,8 +112,7 @@ static void weighted_values(const float *w, int64_t n, const float *v_cache, con
         }
         for (int64_t d = d0; d < d0 + width; d++) { /* head_dim not a multiple of 32 */
             float acc = 0.0f;
-            for (int64_t j = 0; j < n; j++)
-                acc = fmaf(w[j], v_cache[(pages[j / ps] * ps + j % ps) * row_stride + d], acc);
+            FOR_POSITIONS(n, pages, ps, j, row) acc = fmaf(w[j], v_cache[row * row_stride + d], acc);
             out[d] = acc * (1.0f / total);
         }
     }
@@ -118,8 +125,8 @@ static void attend_row(const float *q, const float *k_cache, const float *v_cach
     const int64_t n = pos + 1;
     const int64_t row_stride = Hk * D;
     /* scores[g * stride + j] for the `group` query heads sharing this KV head */
-    for (int64_t j = 0; j < n; j++) {
-        const float *k = k_cache + (pages[j / ps] * ps + j % ps) * row_stride + hk * D;
+    FOR_POSITIONS(n, pages, ps, j, row) {
+        const float *k = k_cache + row * row_stride + hk * D;
         for (int64_t g = 0; g < group; g++) scores[g * stride + j] = dot(q + g * D, k, D) * scale;
     }
     for (int64_t g = 0; g < group; g++) {
