@@ -25,12 +25,6 @@ from kernels._cbuild import load
 
 PANEL = 16  # outputs per packed panel (csrc/linear_cpu.c)
 
-# Up to this many rows the packed C kernel beats MKL's sgemm on the default model's shapes (2
-# cores, AVX2: 0.72x MKL's time at 32 rows, 0.85x at 128, even from 256; docs/PERFORMANCE.md);
-# above it, in default mode, long prefills go to the BLAS.
-SMALL_ROWS = 256
-
-
 _PREFIX = {torch.float32: "f32w", torch.bfloat16: "bf16w", torch.int8: "i8w"}
 
 

@@ -76,10 +76,9 @@ def packed_copy_fraction(config: EngineConfig, dtype: torch.dtype) -> float:
 def engine_linear(config: EngineConfig, model_cfg: ModelConfig, tp_size: int, dtype: torch.dtype):
     """The engine's matmul and how it is batch-invariant (``"off"`` in default mode).
 
-    On CPU in fp32 with the C kernel built: packed weights, the kernel for decode-sized
-    batches and the BLAS for prefill in default mode, the kernel at every size in
-    deterministic mode (row-invariant by construction). bf16-stored and int8-packed weights
-    need the kernel.
+    On CPU in fp32 with the C kernel built: packed weights and the kernel at every size, in
+    both modes (row-invariant by construction; faster than the BLAS here at every size).
+    bf16-stored and int8-packed weights need it.
     """
     device = torch.device(config.device)
     narrow = config.weight_dtype in ("bfloat16", "int8")
@@ -89,16 +88,12 @@ def engine_linear(config: EngineConfig, model_cfg: ModelConfig, tp_size: int, dt
             "kernel (a C compiler and an AVX2/FMA CPU)"
         )
     if packs_weights(config, dtype):
-        from kernels import cpu_linear
-
+        label = "C kernel (row-invariant by construction)"
         if narrow:
             short = "bf16" if config.weight_dtype == "bfloat16" else "int8"
             label = f"C kernel, {short} weights (row-invariant by construction)"
-            op = PackedLinear(None, int8=config.weight_dtype == "int8")
-            return op, label if config.deterministic else "off"
-        if config.deterministic:
-            return PackedLinear(None), "C kernel (row-invariant by construction)"
-        return PackedLinear(cpu_linear.SMALL_ROWS), "off"
+        op = PackedLinear(int8=config.weight_dtype == "int8")
+        return op, label if config.deterministic else "off"
     if config.deterministic:
         return _deterministic_linear(model_cfg, tp_size, dtype, device)
     return torch.nn.functional.linear, "off"

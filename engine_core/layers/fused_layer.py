@@ -2,9 +2,9 @@
 for the steps whose every op already runs a C kernel -- chosen once per engine like the
 matmul, the attention backend and the elementwise ops.
 
-It takes a step when every row goes through the C attention kernel and the packed linear
-(decode steps in default mode, every step in deterministic mode) and the step is at most
-``MAX_ROWS`` rows; other steps (prefill through SDPA/BLAS) run the modules. The result is
+It takes a step when every row goes through the C attention kernel (decode steps in default
+mode, every step in deterministic mode) and the step is at most ``MAX_ROWS`` rows; other
+steps (prefill chunks through SDPA) run the modules. The result is
 bitwise the modules' (same kernels, same order), so which path a step takes changes no bit:
 deterministic mode and the trainer-side alignment hold whatever the mix.
 
@@ -35,9 +35,6 @@ class FusedDecoderLayer:
 
     def __init__(self, linear: PackedLinear) -> None:
         self.linear = linear
-        self.max_rows = MAX_ROWS
-        if linear.blas_above_rows is not None:  # default mode: the BLAS takes bigger steps
-            self.max_rows = min(MAX_ROWS, linear.blas_above_rows)
         # The step being run: its attention metadata and RoPE tables (kept alive while the
         # C structure points at them), the structure, and its workspace.
         self._step_of: tuple[Any, Any] | None = None
@@ -51,7 +48,7 @@ class FusedDecoderLayer:
             and meta.decode_rows is None
             and not meta.prefills
             and x.dim() == 2
-            and x.shape[0] <= self.max_rows
+            and x.shape[0] <= MAX_ROWS
             and x.dtype == torch.float32
             and x.is_contiguous()
         )

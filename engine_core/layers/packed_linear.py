@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine_core.layers.embed_head import ParallelLMHead
 from engine_core.layers.linear import ShardedLinear
@@ -38,12 +37,12 @@ def _identity(weight: torch.Tensor) -> tuple:
 
 
 class PackedLinear:
-    """A ``LinearFn`` on packed weights; above ``blas_above_rows`` rows (prefill, in default
-    mode) it hands off to the BLAS, which is faster there. ``None``: the kernel at every size
-    (deterministic mode: it is row-invariant by construction, the BLAS is not)."""
+    """A ``LinearFn`` on packed weights, the kernel at every row count: since it prefetches
+    the next panel it beats the BLAS at prefill sizes too (139-178 vs 97-140 GFLOP/s at 256 to
+    2048 rows on the default model's shapes, docs/PERFORMANCE.md), and it is row-invariant by
+    construction (deterministic mode needs that; the BLAS is not)."""
 
-    def __init__(self, blas_above_rows: int | None, int8: bool = False) -> None:
-        self.blas_above_rows = blas_above_rows
+    def __init__(self, int8: bool = False) -> None:
         # Opt-in (weight_dtype="int8"): the packs hold int8 weights with per-output scales,
         # the parameters stay in the compute dtype (loads, refits, checksums unchanged).
         self.pack = cpu_linear.pack_int8 if int8 else cpu_linear.pack
@@ -52,9 +51,6 @@ class PackedLinear:
     def __call__(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        rows = x.numel() // max(1, x.shape[-1])
-        if self.blas_above_rows is not None and rows > self.blas_above_rows:
-            return F.linear(x, weight.to(x.dtype), bias)
         return cpu_linear.packed_linear(x, self.packed(weight), bias)
 
     def packed(self, weight: torch.Tensor) -> cpu_linear.PackedWeight:

@@ -76,7 +76,7 @@ def test_chosen_where_every_fused_op_is_a_c_kernel(model_dir):
     with Engine(model_dir("qwen3"), skip_tokenizer_init=True) as engine:
         assert all(layer.fused is None for layer in _layers(engine))
     assert fused_layer.choose_fused_layer(torch.nn.functional.linear, None, None, 1) is None
-    assert fused_layer.choose_fused_layer(PackedLinear(None), None, None, 2) is None
+    assert fused_layer.choose_fused_layer(PackedLinear(), None, None, 2) is None
 
 
 def _meta(rows: int, decode_rows=None, prefills=()) -> RowsMeta:
@@ -85,17 +85,14 @@ def _meta(rows: int, decode_rows=None, prefills=()) -> RowsMeta:
 
 
 def test_takes_only_steps_whose_rows_all_run_c_kernels():
-    default = FusedDecoderLayer(PackedLinear(256))
+    op = FusedDecoderLayer(PackedLinear())
     x = torch.zeros(4, 8)
-    assert default.takes(x, _meta(4))
-    assert not default.takes(x, _meta(4, decode_rows=torch.tensor([0, 1])))  # mixed step
-    assert not default.takes(x, _meta(4, prefills=[object()]))  # a chunk through SDPA
-    assert not default.takes(x, object())  # another backend's metadata
-    assert not default.takes(x.double(), _meta(4))
-    assert not default.takes(torch.zeros(8, 4).t(), _meta(4))  # not contiguous
-    big = torch.zeros(257, 8)
-    assert not default.takes(big, _meta(257))  # the BLAS takes these rows in default mode
-    deterministic = FusedDecoderLayer(PackedLinear(None))
-    assert deterministic.takes(big, _meta(257))
-    rows = fused_layer.MAX_ROWS + 1
-    assert not deterministic.takes(torch.zeros(rows, 8), _meta(rows))  # workspace bound
+    assert op.takes(x, _meta(4))
+    assert not op.takes(x, _meta(4, decode_rows=torch.tensor([0, 1])))  # mixed step
+    assert not op.takes(x, _meta(4, prefills=[object()]))  # a chunk through SDPA
+    assert not op.takes(x, object())  # another backend's metadata
+    assert not op.takes(x.double(), _meta(4))
+    assert not op.takes(torch.zeros(8, 4).t(), _meta(4))  # not contiguous
+    rows = fused_layer.MAX_ROWS
+    assert op.takes(torch.zeros(rows, 8), _meta(rows))
+    assert not op.takes(torch.zeros(rows + 1, 8), _meta(rows + 1))  # workspace bound

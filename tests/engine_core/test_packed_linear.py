@@ -1,6 +1,6 @@
 """The engine's packed-weight matmul (``engine_core.layers.packed_linear``): packs follow every
 write of the weights (refit, release/resume, and any in-place write as a safety net), the
-BLAS takes over above the row threshold, and the packs are counted and freed."""
+kernel runs at every row count, and the packs are counted and freed."""
 
 from __future__ import annotations
 
@@ -28,19 +28,15 @@ def _layer(op: PackedLinear, seed: int = 0) -> ColumnParallelLinear:
     return layer
 
 
-def test_kernel_up_to_the_threshold_blas_above():
-    op = PackedLinear(8)
-    layer = _layer(op)
-    x = torch.randn(9, 24)
-    assert torch.equal(layer(x[:8]), cpu_linear.linear(x[:8], layer.weight, layer.bias))
-    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    every_size = PackedLinear(None)
-    layer.fn = every_size
-    assert torch.equal(layer(x), cpu_linear.linear(x, layer.weight, layer.bias))
+def test_the_kernel_at_every_row_count():
+    layer = _layer(PackedLinear())
+    for rows in (1, 8, 300):  # prefill sizes too: no BLAS hand-off
+        x = torch.randn(rows, 24)
+        assert torch.equal(layer(x), cpu_linear.linear(x, layer.weight, layer.bias))
 
 
 def test_a_pack_follows_every_write_of_its_weight():
-    op = PackedLinear(None)
+    op = PackedLinear()
     layer = _layer(op)
     x = torch.randn(3, 24)
     before = layer(x)
@@ -55,7 +51,7 @@ def test_a_pack_follows_every_write_of_its_weight():
 
 
 def test_refresh_packs_the_layers_that_use_the_op_and_release_frees_them():
-    op = PackedLinear(None)
+    op = PackedLinear()
     mine, other = _layer(op), ColumnParallelLinear(24, 40, False, TPContext(), F.linear)
     model = torch.nn.Sequential(mine, other)
     op.refresh(model)
