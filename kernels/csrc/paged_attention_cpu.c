@@ -38,6 +38,31 @@ static inline float dot(const float *a, const float *b, int64_t D) {
     return s;
 }
 
+/* dot() of q with the keys at k, k + kstride, k + 2 kstride, k + 3 kstride, times scale: each
+ * the same sequence as dot() (so the same bits), four chains in flight instead of one. */
+static inline void dot4(const float *q, const float *k, int64_t kstride, int64_t D, float scale,
+                        float *s) {
+    const float *k1 = k + kstride, *k2 = k1 + kstride, *k3 = k2 + kstride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t d = 0;
+    for (; d + LANES <= D; d += LANES) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+    }
+    float s0 = reduce_lanes(a0), s1 = reduce_lanes(a1), s2 = reduce_lanes(a2);
+    float s3 = reduce_lanes(a3);
+    for (; d < D; d++) {
+        s0 = fmaf(q[d], k[d], s0);
+        s1 = fmaf(q[d], k1[d], s1);
+        s2 = fmaf(q[d], k2[d], s2);
+        s3 = fmaf(q[d], k3[d], s3);
+    }
+    s[0] = s0 * scale, s[1] = s1 * scale, s[2] = s2 * scale, s[3] = s3 * scale;
+}
+
 /* exp(x) for x <= 0 (softmax after the max is subtracted), 8 lanes: x = n ln2 + r with
  * |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error ~2e-7), times 2^n.
  * The same instructions for every element, so a score's weight never depends on its lane. */
@@ -88,12 +113,15 @@ static float softmax_numerators(float *s, int64_t n) {
         for (int64_t row = (pages)[page_] * (ps), end_ = row + ((n) - j < (ps) ? (n) - j : (ps)); \
              row < end_; row++, j++)
 
-/* out[0..D) = sum_j w[j] v_j / total, accumulated in position order. */
+#define CHUNK (4 * LANES) /* value dims per pass: four 8-lane accumulators per head */
+
+/* out[d] for d in [d_from, D) = sum_j w[j] v_j[d] / total, accumulated in position order. */
 static void weighted_values(const float *w, int64_t n, const float *v_cache, const int64_t *pages,
-                            int64_t ps, int64_t row_stride, int64_t D, float total, float *out) {
-    for (int64_t d0 = 0; d0 < D; d0 += 4 * LANES) {
-        const int64_t width = D - d0 < 4 * LANES ? D - d0 : 4 * LANES;
-        if (width == 4 * LANES) {
+                            int64_t ps, int64_t row_stride, int64_t D, float total, float *out,
+                            int64_t d_from) {
+    for (int64_t d0 = d_from; d0 < D; d0 += CHUNK) {
+        const int64_t width = D - d0 < CHUNK ? D - d0 : CHUNK;
+        if (width == CHUNK) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             FOR_POSITIONS(n, pages, ps, j, row) {
                 const float *v = v_cache + row * row_stride + d0;
@@ -118,6 +146,41 @@ static void weighted_values(const float *w, int64_t n, const float *v_cache, con
     }
 }
 
+/* Three query heads of one KV head at once, over the full 32-wide chunks of D: per head the
+ * same accumulation as weighted_values (position order, so the same bits), but twelve
+ * independent FMA chains instead of four and each V row read once for the three. Four chains
+ * waited on FMA latency at every position. */
+#define ACC4(h) __m256 h##0 = _mm256_setzero_ps(), h##1 = h##0, h##2 = h##0, h##3 = h##0;
+#define FMA4(h, wv)                                                                              \
+    h##0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v), h##0);                                        \
+    h##1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + 8), h##1);                                    \
+    h##2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + 16), h##2);                                   \
+    h##3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + 24), h##3);
+#define STORE4(h, total, o)                                                                      \
+    {                                                                                            \
+        const __m256 inv = _mm256_set1_ps(1.0f / (total));                                       \
+        _mm256_storeu_ps(o + d0, _mm256_mul_ps(h##0, inv));                                      \
+        _mm256_storeu_ps(o + d0 + 8, _mm256_mul_ps(h##1, inv));                                  \
+        _mm256_storeu_ps(o + d0 + 16, _mm256_mul_ps(h##2, inv));                                 \
+        _mm256_storeu_ps(o + d0 + 24, _mm256_mul_ps(h##3, inv));                                 \
+    }
+static void weighted_values3(const float *w, int64_t stride, int64_t n, const float *v_cache,
+                             const int64_t *pages, int64_t ps, int64_t row_stride, int64_t D,
+                             const float *total, float *out) {
+    const float *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride;
+    float *o0 = out, *o1 = out + D, *o2 = out + 2 * D;
+    for (int64_t d0 = 0; d0 + CHUNK <= D; d0 += CHUNK) {
+        ACC4(a) ACC4(b) ACC4(c)
+        FOR_POSITIONS(n, pages, ps, j, row) {
+            const float *v = v_cache + row * row_stride + d0;
+            const __m256 x = _mm256_set1_ps(w0[j]), y = _mm256_set1_ps(w1[j]);
+            const __m256 z = _mm256_set1_ps(w2[j]);
+            FMA4(a, x) FMA4(b, y) FMA4(c, z)
+        }
+        STORE4(a, total[0], o0) STORE4(b, total[1], o1) STORE4(c, total[2], o2)
+    }
+}
+
 static void attend_row(const float *q, const float *k_cache, const float *v_cache,
                        const int64_t *pages, int64_t pos, int64_t hk, int64_t group,
                        int64_t Hk, int64_t D, int64_t ps, float scale, float *scores,
@@ -125,14 +188,35 @@ static void attend_row(const float *q, const float *k_cache, const float *v_cach
     const int64_t n = pos + 1;
     const int64_t row_stride = Hk * D;
     /* scores[g * stride + j] for the `group` query heads sharing this KV head */
-    FOR_POSITIONS(n, pages, ps, j, row) {
-        const float *k = k_cache + row * row_stride + hk * D;
-        for (int64_t g = 0; g < group; g++) scores[g * stride + j] = dot(q + g * D, k, D) * scale;
+    for (int64_t page = 0, j = 0; j < n; page++) {
+        const int64_t first = pages[page] * ps, count = n - j < ps ? n - j : ps;
+        int64_t r = 0;
+        for (; r + 4 <= count; r += 4, j += 4) { /* four consecutive rows of the page */
+            const float *k = k_cache + (first + r) * row_stride + hk * D;
+            for (int64_t g = 0; g < group; g++)
+                dot4(q + g * D, k, row_stride, D, scale, scores + g * stride + j);
+        }
+        for (; r < count; r++, j++) {
+            const float *k = k_cache + (first + r) * row_stride + hk * D;
+            for (int64_t g = 0; g < group; g++)
+                scores[g * stride + j] = dot(q + g * D, k, D) * scale;
+        }
     }
-    for (int64_t g = 0; g < group; g++) {
+    const float *values = v_cache + hk * D;
+    int64_t g = 0;
+    for (; g + 3 <= group; g += 3) {
+        float total[3];
+        for (int i = 0; i < 3; i++) total[i] = softmax_numerators(scores + (g + i) * stride, n);
+        weighted_values3(scores + g * stride, stride, n, values, pages, ps, row_stride, D, total,
+                         out + g * D);
+        for (int i = 0; i < 3; i++) /* the dims past the last full chunk, if any */
+            weighted_values(scores + (g + i) * stride, n, values, pages, ps, row_stride, D,
+                            total[i], out + (g + i) * D, D / CHUNK * CHUNK);
+    }
+    for (; g < group; g++) {
         float *s = scores + g * stride;
         const float total = softmax_numerators(s, n);
-        weighted_values(s, n, v_cache + hk * D, pages, ps, row_stride, D, total, out + g * D);
+        weighted_values(s, n, values, pages, ps, row_stride, D, total, out + g * D, 0);
     }
 }
 

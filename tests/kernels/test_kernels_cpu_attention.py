@@ -25,7 +25,8 @@ def layout(lens: list[int], page_size: int, num_pages: int, seed: int = 0):
 
 
 @pytest.mark.parametrize(
-    "heads,kv_heads,head_dim,page_size", [(9, 3, 64, 16), (4, 4, 24, 4), (8, 1, 20, 5)]
+    "heads,kv_heads,head_dim,page_size",
+    [(9, 3, 64, 16), (4, 4, 24, 4), (8, 1, 20, 5), (6, 2, 40, 16), (12, 2, 96, 7)],
 )
 def test_matches_reference_mixed_rows(heads, kv_heads, head_dim, page_size):
     torch.manual_seed(0)
