@@ -7,8 +7,8 @@ metadata from a step's plan once per step (``build``), which every layer then us
 
 - ``PagedKernelAttention``: the varlen kernel ``kernels.paged_attention`` (Triton on CUDA; its
   batch-invariant torch reference on a CPU without the C kernel in deterministic mode);
-- ``CpuKernelAttention``: the C kernel reads pages in place; decode rows go through it, prefill
-  chunks through SDPA -- or, in deterministic mode (``fixed_order``), every row through it;
+- ``CpuKernelAttention``: fp32 on CPU: the C kernel reads pages in place, every row (decode
+  and prefill) through it, in both modes;
 - ``SdpaAttention``: CPU without the C kernel: all decode rows in one SDPA call (GQA folded
   into the query axis), one SDPA per prefill chunk, over gathered pages.
 """
@@ -62,7 +62,7 @@ def choose_backend(device: torch.device, dtype: torch.dtype, deterministic: bool
     from kernels import cpu_attention
 
     if dtype == torch.float32 and cpu_attention.available():
-        return b.CpuKernelAttention(fixed_order=deterministic)
+        return b.CpuKernelAttention()
     if deterministic:  # no C kernel (no compiler, or not fp32): the batch-invariant reference
         return b.PagedKernelAttention()
     return b.SdpaAttention()

@@ -2,10 +2,10 @@
 for the steps whose every op already runs a C kernel -- chosen once per engine like the
 matmul, the attention backend and the elementwise ops.
 
-It takes a step when every row goes through the C attention kernel (decode steps in default
-mode, every step in deterministic mode) and the step is at most ``MAX_ROWS`` rows; other
-steps (prefill chunks through SDPA) run the modules. The result is
-bitwise the modules' (same kernels, same order), so which path a step takes changes no bit:
+It takes every step of at most ``MAX_ROWS`` rows (the C attention kernel runs every row,
+decode and prefill); bigger steps run the modules, where the per-op overhead is a small
+share. The result is bitwise the modules' (same kernels, same order), so which path a step
+takes changes no bit:
 deterministic mode and the trainer-side alignment hold whatever the mix.
 
 Built only for fp32 CPU engines with TP 1 (a row-parallel layer all-reduces between the
@@ -42,11 +42,9 @@ class FusedDecoderLayer:
         self._workspace = torch.empty(0)
 
     def takes(self, x: torch.Tensor, meta: Any) -> bool:
-        """Whether this step's rows all run C kernels (else the modules run it)."""
+        """Whether this step is the C kernels' and small enough (else the modules run it)."""
         return (
             isinstance(meta, RowsMeta)
-            and meta.decode_rows is None
-            and not meta.prefills
             and x.dim() == 2
             and x.shape[0] <= MAX_ROWS
             and x.dtype == torch.float32

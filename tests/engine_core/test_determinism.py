@@ -10,8 +10,10 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine_core import Engine
+from engine_core.model_config import load_model_config
 
 TARGET = [7, 19, 23, 5, 88, 41, 3, 17, 29, 31, 2, 64, 9]
 GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
@@ -182,15 +184,47 @@ def test_prefix_cache_page_aligned_samples_compute_one_token_each(path):
     assert computed == [4 * 24, 24 + 3]
 
 
-def default_linear_batch_dependent(model_cfg) -> bool:
-    """Whether default mode's matmul gives a row other bits alone than inside a prefill-sized
-    batch, for some weight shape of the model (on CPU it packs weights for decode sizes and
-    hands larger batches to the BLAS, whose blocking over K differs from the kernel's)."""
-    from engine_core.config import EngineConfig
-    from engine_core.execution.model_runner import engine_linear
+def _batch_pair(path: str, **config) -> tuple[tuple, tuple]:
+    """TARGET's greedy signature alone, then beside partners whose prefill makes a big step."""
+    with Engine(path, device="cpu", page_size=4, **config) as eng:
+        lone = run_batch(eng, [TARGET], GREEDY, 0)
+        partners = [p * 4 for p in others(7, seed=7)]
+        return lone, run_batch(eng, partners + [TARGET], GREEDY, 7)
 
-    mc = model_cfg
-    linear, _ = engine_linear(EngineConfig("", device="cpu"), mc, 1, torch.float32)
+
+def _without_c_kernels(monkeypatch) -> None:
+    """A machine where the C kernels cannot be built (no compiler, no AVX2/FMA): the engine
+    falls back to torch's matmul (MKL), SDPA and the torch elementwise formulas."""
+    from kernels import cpu_attention, cpu_fused, cpu_linear
+
+    for module in (cpu_linear, cpu_attention, cpu_fused):
+        monkeypatch.setattr(module, "available", lambda: False)
+
+
+def test_default_mode_on_the_c_kernels_is_batch_invariant(model_dir):
+    """On CPU in fp32 every op of default mode is a C kernel with a fixed per-row order (the
+    packed linear at every row count, the attention kernel for every row), so default mode
+    is batch invariant there too."""
+    lone, batched = _batch_pair(model_dir("llama", intermediate_size=384))
+    assert lone == batched
+
+
+def test_default_mode_without_the_c_kernels_is_not_batch_invariant(model_dir, monkeypatch):
+    """Negative control: on the torch fallback, batching changes the logprob bits (MKL
+    blocks a big batch's rows differently from a lone row for the wider MLP's K; SDPA's
+    prefill differs from its decode), which the comparisons above would catch."""
+    _without_c_kernels(monkeypatch)
+    path = model_dir("llama", intermediate_size=384)
+    lone, batched = _batch_pair(path)
+    assert lone[0] == batched[0]  # the same greedy tokens ...
+    if lone[1:] == batched[1:] and not blas_batch_dependent(load_model_config(path)):
+        pytest.skip("this machine's BLAS is batch invariant for the model's shapes")
+    assert lone[1:] != batched[1:]  # ... but not the same logprob bits
+
+
+def blas_batch_dependent(mc) -> bool:
+    """Whether ``F.linear`` gives a row other bits alone than inside a batch for some weight
+    shape of the model (BLAS kernels differ by CPU: on some, nothing here may differ)."""
     qkv = (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
     shapes = [
         (mc.hidden_size, qkv),
@@ -203,23 +237,7 @@ def default_linear_batch_dependent(model_cfg) -> bool:
     for k, n in shapes:
         w, x = torch.randn(n, k, generator=gen), torch.randn(300, k, generator=gen)
         for m in (2, 3, 5, 8, 13, 40, 300):
-            batch = linear(x[:m], w)
-            if any(not torch.equal(linear(x[i : i + 1], w)[0], batch[i]) for i in range(m)):
+            batch = F.linear(x[:m], w)
+            if any(not torch.equal(F.linear(x[i : i + 1], w)[0], batch[i]) for i in range(m)):
                 return True
     return False
-
-
-def test_default_mode_is_not_batch_invariant(model_dir):
-    """Negative control: without deterministic mode, batching changes the logprob bits where
-    the matmul rounds a row by batch size (on CPU: the decode kernel alone, the BLAS for a
-    batch's prefill; the wider MLP gives the BLAS a K it blocks). A matmul that happens to be
-    batch invariant for this model's shapes leaves nothing to contrast."""
-    with Engine(model_dir("llama", intermediate_size=384), device="cpu", page_size=4) as eng:
-        lone = run_batch(eng, [TARGET], GREEDY, 0)
-        partners = [p * 4 for p in others(7, seed=7)]  # a prefill past the kernel's rows
-        batched = run_batch(eng, partners + [TARGET], GREEDY, 7)
-        dependent = default_linear_batch_dependent(eng.model_config)
-    assert lone[0] == batched[0]  # the same greedy tokens ...
-    if not dependent:
-        pytest.skip("default mode's matmul is batch invariant for this model's shapes here")
-    assert lone[1:] != batched[1:]  # ... but not the same logprob bits

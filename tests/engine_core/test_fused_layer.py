@@ -1,6 +1,6 @@
 """The one-call decoder layer (``engine_core.layers.fused_layer``, ``kernels.cpu_decoder_layer``):
-chosen where every op it fuses is a C kernel, taken only by steps whose rows all run those
-kernels, and bitwise the module path on every step it takes -- in default and deterministic
+chosen where every op it fuses is a C kernel, taken by every step of at most ``MAX_ROWS``
+rows, and bitwise the module path on every step it takes -- in default and deterministic
 mode, with a qkv bias, and with narrow weight packs."""
 
 from __future__ import annotations
@@ -63,10 +63,8 @@ def test_the_one_call_layer_is_bitwise_the_modules(model_dir, monkeypatch, kind,
     modules, none = _rollout(path, False, monkeypatch, **config)
     assert calls and not none  # the fused run took it, the other never did
     assert fused == modules
-    if config.get("deterministic"):  # every step runs C kernels, prefill chunks included
-        assert max(calls) > 1 and max(calls) >= max(len(p) for p in PROMPTS)
-    else:  # decode steps only: one row per running sequence
-        assert max(calls) <= len(PROMPTS) * PARAMS["n"]
+    # Every step runs C kernels in both modes: prefill steps take the one-call layer too.
+    assert max(calls) > len(PROMPTS) * PARAMS["n"]  # more rows than sequences: a prefill
 
 
 def test_chosen_where_every_fused_op_is_a_c_kernel(model_dir):
@@ -79,17 +77,15 @@ def test_chosen_where_every_fused_op_is_a_c_kernel(model_dir):
     assert fused_layer.choose_fused_layer(PackedLinear(), None, None, 2) is None
 
 
-def _meta(rows: int, decode_rows=None, prefills=()) -> RowsMeta:
+def _meta(rows: int) -> RowsMeta:
     i64 = torch.zeros(rows, dtype=torch.long)
-    return RowsMeta(i64, i64.view(rows, 1), i64, i64, decode_rows, list(prefills))
+    return RowsMeta(i64, i64.view(rows, 1), i64, i64)
 
 
-def test_takes_only_steps_whose_rows_all_run_c_kernels():
+def test_takes_the_c_kernels_steps_up_to_max_rows():
     op = FusedDecoderLayer(PackedLinear())
     x = torch.zeros(4, 8)
     assert op.takes(x, _meta(4))
-    assert not op.takes(x, _meta(4, decode_rows=torch.tensor([0, 1])))  # mixed step
-    assert not op.takes(x, _meta(4, prefills=[object()]))  # a chunk through SDPA
     assert not op.takes(x, object())  # another backend's metadata
     assert not op.takes(x.double(), _meta(4))
     assert not op.takes(torch.zeros(8, 4).t(), _meta(4))  # not contiguous
