@@ -15,6 +15,7 @@ q/k norms (Qwen3) keeps its modules.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ class FusedDecoderLayer:
         self._step_of: tuple[Any, Any] | None = None
         self._step: c.Step | None = None
         self._workspace = torch.empty(0)
+        self._layers: dict[int, tuple[Any, tuple, tuple, c.Layer]] = {}  # by id(layer)
 
     def takes(self, x: torch.Tensor, meta: Any) -> bool:
         """Whether this step is the C kernels' and small enough (else the modules run it)."""
@@ -52,31 +54,43 @@ class FusedDecoderLayer:
         )
 
     def __call__(self, layer, rope: RopeTables, x: torch.Tensor, meta: RowsMeta) -> torch.Tensor:
-        attn = layer.self_attn.attn
         if self._step_of is None or self._step_of[0] is not meta or self._step_of[1] is not rope:
             self._start_step(layer, rope, x, meta)
-        packs = [
-            self.linear.packed(m.weight)
-            for m in (
-                layer.self_attn.qkv_proj,
-                layer.self_attn.o_proj,
-                layer.mlp.gate_up_proj,
-                layer.mlp.down_proj,
-            )
-        ]
-        bias = layer.self_attn.qkv_proj.bias
-        weights = c.Layer(
-            layer.input_layernorm.weight.data_ptr(),
-            layer.post_attention_layernorm.weight.data_ptr(),
-            *(p.panels.data_ptr() for p in packs),
-            *(None if p.scales is None else p.scales.data_ptr() for p in packs),
+        packs = tuple(self.linear.packed(m.weight) for m in _matrices(layer))  # repacks if stale
+        weights = self._layer(layer, packs)
+        return c.decoder_layer(c.kernels(packs[0].panels.dtype), weights, self._step, x)
+
+    def _layer(self, layer, packs: tuple) -> c.Layer:
+        """The layer's C structure, rebuilt only when an address in it may have changed (a new
+        pack, a rebound norm or bias, a reallocated KV cache): building it is most of the
+        Python a layer call costs."""
+        attn, bias = layer.self_attn.attn, layer.self_attn.qkv_proj.bias
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        key = (
+            *(n.weight.data_ptr() for n in norms),
             None if bias is None else bias.data_ptr(),
             attn.k_cache.data_ptr(),
             attn.v_cache.data_ptr(),
-            layer.input_layernorm.eps,
-            layer.post_attention_layernorm.eps,
         )
-        return c.decoder_layer(c.kernels(packs[0].panels.dtype), weights, self._step, x)
+        cached = self._layers.get(id(layer))
+        # Packs by identity (a repack makes new PackedWeight objects), through weak references
+        # so a released pack is freed, not kept alive here; the rest by address.
+        if (
+            cached is not None
+            and cached[2] == key
+            and all(ref() is pack for ref, pack in zip(cached[1], packs))
+        ):
+            return cached[3]
+        weights = c.Layer(
+            *key[:2],
+            *(p.panels.data_ptr() for p in packs),
+            *(None if p.scales is None else p.scales.data_ptr() for p in packs),
+            *key[2:],
+            *(n.eps for n in norms),
+        )
+        refs = tuple(weakref.ref(pack) for pack in packs)
+        self._layers[id(layer)] = (layer, refs, key, weights)  # layer held: its id stays its own
+        return weights
 
     def _start_step(self, layer, rope: RopeTables, x: torch.Tensor, meta: RowsMeta) -> None:
         attn = layer.self_attn.attn
@@ -103,6 +117,11 @@ class FusedDecoderLayer:
             meta.row_pos.data_ptr(),
             self._workspace.data_ptr(),
         )
+
+
+def _matrices(layer) -> tuple:
+    attn, mlp = layer.self_attn, layer.mlp
+    return (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
 
 
 def choose_fused_layer(linear, attention, elementwise, tp_size: int) -> FusedDecoderLayer | None:

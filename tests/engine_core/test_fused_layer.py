@@ -92,3 +92,23 @@ def test_takes_the_c_kernels_steps_up_to_max_rows():
     rows = fused_layer.MAX_ROWS
     assert op.takes(torch.zeros(rows, 8), _meta(rows))
     assert not op.takes(torch.zeros(rows + 1, 8), _meta(rows + 1))  # workspace bound
+
+
+def test_the_one_call_layer_follows_refits_and_released_memory(model_dir):
+    """Its per-layer structures point at packs and KV caches: a refit (new packs) and a
+    release/resume (packs dropped, KV cache reallocated) must be followed, never stale."""
+    old, new = model_dir("llama"), model_dir("llama", seed=1)
+
+    def greedy(engine: Engine):
+        outs = engine.generate(input_ids=PROMPTS, sampling_params=PARAMS, return_logprob=True)
+        return [(o["output_ids"], o["meta_info"]["output_token_logprobs"]) for o in outs]
+
+    with Engine(new, skip_tokenizer_init=True) as fresh:
+        expected = greedy(fresh)
+    with Engine(old, skip_tokenizer_init=True) as engine:
+        before = greedy(engine)  # the structures are built on the old weights
+        assert engine.update_weights_from_disk(new)[0]
+        assert greedy(engine) == expected != before
+        engine.release_memory_occupation()
+        engine.resume_memory_occupation()
+        assert greedy(engine) == expected
