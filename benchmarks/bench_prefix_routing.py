@@ -1,7 +1,8 @@
 """Cache-aware vs round-robin vs least-load routing through the real service (default model).
 
-Two workloads, each run once per policy in the same run, on the same engine actors (the
-prefix caches are flushed between policies, each policy gets its own ``RolloutDriver``):
+Two workloads, each run once per policy in the same run; each workload on its own engines,
+whose KV is sized for it (the prefix caches are flushed between policies, each policy gets its
+own ``RolloutDriver``):
 
 - **shared prefix**: ``--systems`` system prompts of ``--system-tokens`` tokens, each followed
   by ``--questions`` questions of ``--question-tokens`` tokens, arriving interleaved (a seeded
@@ -13,12 +14,12 @@ prefix caches are flushed between policies, each policy gets its own ``RolloutDr
   + the previous answer + ``--turn-tokens`` new tokens each turn), ``session_id`` naming the
   conversation. With ``--arrival stream`` each conversation sends its next turn as soon as its
   last one returns (an agentic rollout); with ``batch`` each turn of every conversation is one
-  rollout call.
+  rollout call. Each engine's KV holds ``1/engines`` of the conversations at their last turn.
 
 Per policy: the hit rate (the engines' ``prefix_cache`` counters: prompt tokens served from
 the cache / prompt tokens looked up), the prefill saved (1 - tokens prefilled / prompt tokens),
 output tokens/s over the workload's wall time, and the ratios to round robin. With
-``--engines 2 4`` both sizes run (a service each).
+``--engines 2 4`` both sizes run (a service per size and workload).
 
     python benchmarks/bench_prefix_routing.py [--engines 2 4] [--systems 8] [--questions 16]
 """
@@ -175,25 +176,31 @@ def measure(outs: list[dict], wall: float, before, after) -> dict[str, float]:
     }
 
 
-def kv_tokens(args, num_engines: int) -> int:
-    """KV tokens per engine: ``1/num_engines`` of the system prompts plus the running tails
-    (or ``--kv-tokens``). The prefixes fit only when each engine keeps its own share, so the
-    steady-state hit-rate bound over round robin is ``num_engines``x (the issue's "2x with 2
-    engines")."""
+def kv_tokens(args, num_engines: int, workload: str) -> int:
+    """KV tokens per engine (or ``--kv-tokens``): ``1/num_engines`` of the workload's reusable
+    context plus room for what runs -- for the shared prefix, the system prompts plus the
+    running tails; for conversations, the conversations at their last turn. It fits only
+    when each engine keeps its own share, so the steady-state hit-rate bound over round robin
+    is ``num_engines``x (the issue's "2x with 2 engines")."""
     if args.kv_tokens is not None:
         return args.kv_tokens
+    if workload == "conversations":
+        last = args.first_tokens + (args.turns - 1) * (args.max_new + args.turn_tokens)
+        per_engine = -(-args.conversations // num_engines)
+        return per_engine * (last + args.max_new + 16)  # + a partial page each
     tail = args.question_tokens + args.max_new + 16
     running = args.max_running if args.arrival == "batch" else args.in_flight
     return args.systems * args.system_tokens // num_engines + running * tail
 
 
-def one_size(num_engines: int, args) -> list[dict[str, Any]]:
-    threads = max(1, (os.cpu_count() or 1) // num_engines)
+def run_workload(num_engines: int, workload: str, args) -> dict[str, dict]:
+    """Every policy on one workload, on one set of engines sized for it (caches flushed
+    between policies, each policy with its own ``RolloutDriver``)."""
     engine = {
         "device": "cpu",
-        "max_total_tokens": kv_tokens(args, num_engines),
+        "max_total_tokens": kv_tokens(args, num_engines, workload),
         "max_running_requests": args.max_running,
-        "num_threads": threads,
+        "num_threads": max(1, (os.cpu_count() or 1) // num_engines),
     }
     config = {
         "model_path": args.model_path,
@@ -204,7 +211,7 @@ def one_size(num_engines: int, args) -> list[dict[str, Any]]:
         "policy": "round_robin",
         "ready_timeout_s": 900,
     }
-    rows = []
+    results = {}
     with deploy(config) as service:
         weights = WeightsSource(service.model_path, service.config.weight_version)
         warm = [tokens(random.Random(0), args, 32)]  # first call: kernels, allocations
@@ -214,37 +221,41 @@ def one_size(num_engines: int, args) -> list[dict[str, Any]]:
                 for e in service.engines
             ]
         )
-        for workload in ("shared prefix", "conversations"):
-            results = {}
-            for policy in POLICIES:
-                assert all(
-                    r.success for r in ray.get([e.flush_cache.remote() for e in service.engines])
-                )
-                driver = RolloutDriver.options(num_cpus=0).remote(
-                    service.engines, policy, weights, 60.0, {}
-                )
-                before = cache_counters(service.engines)
-                if workload == "shared prefix":
-                    prompts = shared_prefix(args, random.Random(1))
-                    outs, wall = run_shared(driver, args, prompts, num_engines)
-                else:
-                    outs, wall = run_conversations(driver, args, 2, num_engines)
-                results[policy] = measure(outs, wall, before, cache_counters(service.engines))
-                results[policy]["stats"] = ray.get(driver.routing_stats.remote()).get("decisions")
-                ray.kill(driver)
-                print(num_engines, workload, policy, results[policy], flush=True)
-            base = results["round_robin"]
-            for policy, r in results.items():
-                rows.append(
-                    {
-                        "engines": num_engines,
-                        "workload": workload,
-                        "policy": policy,
-                        **r,
-                        "hit_x": r["hit"] / base["hit"] if base["hit"] else float("inf"),
-                        "tok_x": r["tok_s"] / base["tok_s"],
-                    }
-                )
+        for policy in POLICIES:
+            flushed = ray.get([e.flush_cache.remote() for e in service.engines])
+            assert all(r.success for r in flushed)
+            driver = RolloutDriver.options(num_cpus=0).remote(
+                service.engines, policy, weights, 60.0, {}
+            )
+            before = cache_counters(service.engines)
+            if workload == "shared prefix":
+                prompts = shared_prefix(args, random.Random(1))
+                outs, wall = run_shared(driver, args, prompts, num_engines)
+            else:
+                outs, wall = run_conversations(driver, args, 2, num_engines)
+            results[policy] = measure(outs, wall, before, cache_counters(service.engines))
+            results[policy]["stats"] = ray.get(driver.routing_stats.remote()).get("decisions")
+            ray.kill(driver)
+            print(num_engines, workload, policy, results[policy], flush=True)
+    return results
+
+
+def one_size(num_engines: int, args) -> list[dict[str, Any]]:
+    rows = []
+    for workload in ("shared prefix", "conversations"):
+        results = run_workload(num_engines, workload, args)
+        base = results["round_robin"]
+        for policy, r in results.items():
+            rows.append(
+                {
+                    "engines": num_engines,
+                    "workload": workload,
+                    "policy": policy,
+                    **r,
+                    "hit_x": r["hit"] / base["hit"] if base["hit"] else float("inf"),
+                    "tok_x": r["tok_s"] / base["tok_s"],
+                }
+            )
     return rows
 
 
@@ -292,7 +303,11 @@ def main() -> None:
 
     load_start = os.getloadavg()[0]
     rows = [row for n in args.engines for row in one_size(n, args)]
-    kv = ", ".join(f"{n} engines: {kv_tokens(args, n)}" for n in args.engines)
+    kv = "; ".join(
+        f"{n} engines: {kv_tokens(args, n, 'shared prefix')} / "
+        f"{kv_tokens(args, n, 'conversations')}"
+        for n in args.engines
+    )
     arrival = (
         "arriving shuffled in one rollout call"
         if args.arrival == "batch"
@@ -300,8 +315,10 @@ def main() -> None:
     )
     body = (
         f"Default model (SmolLM2-135M fp32) on CPU, greedy, {args.max_new} new tokens per "
-        f"prompt, KV tokens per engine ({kv}) = 1/engines of the {args.systems} system "
-        f"prompts + the running tails, max_running_requests {args.max_running}. Shared prefix: "
+        f"prompt, KV tokens per engine, shared prefix / conversations ({kv}) = 1/engines of "
+        f"the {args.systems} system prompts + the running tails / of the conversations at "
+        f"their last turn (a deployment per workload), max_running_requests "
+        f"{args.max_running}. Shared prefix: "
         f"{args.systems} system prompts x {args.system_tokens} tokens x {args.questions} "
         f"questions of {args.question_tokens} tokens, {arrival}. "
         f"Conversations: {args.conversations} x {args.turns} turns ({args.first_tokens}-token "
@@ -315,7 +332,7 @@ def main() -> None:
         "the engines' own `prefix_cache` counters over the workload (hit / looked-up prompt "
         "tokens, per admission); prefill saved = 1 - tokens prefilled / prompt tokens (a "
         "retracted request's recomputation counts against it). Same engines for every "
-        "policy (caches flushed between), one run each. "
+        "policy of a workload (caches flushed between), one run each. "
         + load_note(load_start)
         + "\n\n"
         + table(rows)
