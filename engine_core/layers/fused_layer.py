@@ -5,8 +5,7 @@ matmul, the attention backend and the elementwise ops.
 It takes every step of at most ``MAX_ROWS`` rows (the C attention kernel runs every row,
 decode and prefill); bigger steps run the modules, where the per-op overhead is a small
 share. The result is bitwise the modules' (same kernels, same order), so which path a step
-takes changes no bit:
-deterministic mode and the trainer-side alignment hold whatever the mix.
+takes changes no bit: deterministic mode and the trainer-side alignment hold whatever the mix.
 
 Built only for fp32 CPU engines with TP 1 (a row-parallel layer all-reduces between the
 kernels) on the packed linear, the C attention and the fused elementwise ops; a layer with
@@ -41,7 +40,7 @@ class FusedDecoderLayer:
         self._step_of: tuple[Any, Any] | None = None
         self._step: c.Step | None = None
         self._workspace = torch.empty(0)
-        self._layers: dict[int, tuple[Any, tuple, tuple, c.Layer]] = {}  # by id(layer)
+        self._layers: dict[int, tuple] = {}  # id(layer) -> (layer, packs, addresses, structure)
 
     def takes(self, x: torch.Tensor, meta: Any) -> bool:
         """Whether this step is the C kernels' and small enough (else the modules run it)."""
@@ -73,10 +72,12 @@ class FusedDecoderLayer:
             attn.v_cache.data_ptr(),
         )
         cached = self._layers.get(id(layer))
-        # Packs by identity (a repack makes new PackedWeight objects), through weak references
-        # so a released pack is freed, not kept alive here; the rest by address.
+        # The layer and its packs by identity (a repack makes new PackedWeight objects),
+        # through weak references so a released pack is freed, not kept alive here; the rest
+        # by address.
         if (
             cached is not None
+            and cached[0]() is layer
             and cached[2] == key
             and all(ref() is pack for ref, pack in zip(cached[1], packs))
         ):
@@ -89,7 +90,9 @@ class FusedDecoderLayer:
             *(n.eps for n in norms),
         )
         refs = tuple(weakref.ref(pack) for pack in packs)
-        self._layers[id(layer)] = (layer, refs, key, weights)  # layer held: its id stays its own
+        # Weak: the layers own this op, so a strong reference back would make a cycle that
+        # keeps a closed engine's model alive until the garbage collector runs.
+        self._layers[id(layer)] = (weakref.ref(layer), refs, key, weights)
         return weights
 
     def _start_step(self, layer, rope: RopeTables, x: torch.Tensor, meta: RowsMeta) -> None:
