@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from engine_core import Engine
 from engine_core.model_config import load_model_config
+from kernels import cpu_attention, cpu_linear
 
 TARGET = [7, 19, 23, 5, 88, 41, 3, 17, 29, 31, 2, 64, 9]
 GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
@@ -195,12 +196,16 @@ def _batch_pair(path: str, **config) -> tuple[tuple, tuple]:
 def _without_c_kernels(monkeypatch) -> None:
     """A machine where the C kernels cannot be built (no compiler, no AVX2/FMA): the engine
     falls back to torch's matmul (MKL), SDPA and the torch elementwise formulas."""
-    from kernels import cpu_attention, cpu_fused, cpu_linear
+    from kernels import cpu_fused
 
     for module in (cpu_linear, cpu_attention, cpu_fused):
         monkeypatch.setattr(module, "available", lambda: False)
 
 
+@pytest.mark.skipif(
+    not (cpu_linear.available() and cpu_attention.available()),
+    reason="no C compiler / AVX2+FMA: default mode runs the torch fallback",
+)
 def test_default_mode_on_the_c_kernels_is_batch_invariant(model_dir):
     """On CPU in fp32 every op of default mode is a C kernel with a fixed per-row order (the
     packed linear at every row count, the attention kernel for every row), so default mode
