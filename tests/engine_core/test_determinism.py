@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from engine_core import Engine
 from engine_core.model_config import load_model_config
-from kernels import cpu_attention, cpu_linear
+from kernels import cpu_attention, cpu_fused, cpu_linear
 
 TARGET = [7, 19, 23, 5, 88, 41, 3, 17, 29, 31, 2, 64, 9]
 GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
@@ -196,8 +196,6 @@ def _batch_pair(path: str, **config) -> tuple[tuple, tuple]:
 def _without_c_kernels(monkeypatch) -> None:
     """A machine where the C kernels cannot be built (no compiler, no AVX2/FMA): the engine
     falls back to torch's matmul (MKL), SDPA and the torch elementwise formulas."""
-    from kernels import cpu_fused
-
     for module in (cpu_linear, cpu_attention, cpu_fused):
         monkeypatch.setattr(module, "available", lambda: False)
 
