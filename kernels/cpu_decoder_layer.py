@@ -1,4 +1,5 @@
-"""A whole Llama decoder layer in one C call (``csrc/decoder_layer_cpu.c``), fp32 on CPU.
+"""Every Llama decoder layer of a model in one C call (``csrc/decoder_layer_cpu.c``,
+``decoder_stack``), fp32 on CPU.
 
 The C function runs the existing kernels -- ``cpu_linear`` (packed weights), ``cpu_fused``
 (RMSNorm, residual add + RMSNorm, SiLU-mul, RoPE) and ``cpu_attention`` -- through function
@@ -78,8 +79,8 @@ def _library() -> ctypes.CDLL | None:
     lib = load("decoder_layer_cpu", ("-ffp-contract=off",))
     if lib is None:
         return None
-    lib.decoder_layer_f32.restype = ctypes.c_int
-    lib.decoder_layer_f32.argtypes = [_P, _P, _P, _P, _P]
+    lib.decoder_stack_f32.restype = ctypes.c_int
+    lib.decoder_stack_f32.argtypes = [_P, _P, _I, _P, _P, _P, _P]
     lib.workspace_floats.restype = _I
     lib.workspace_floats.argtypes = [_I] * 6
     return lib
@@ -114,18 +115,22 @@ def workspace_floats(rows: int, hidden: int, heads: int, kv_heads: int, head_dim
     return int(_library().workspace_floats(rows, hidden, heads, kv_heads, head_dim, inter))
 
 
-def decoder_layer(kern: Kernels, layer: Layer, step: Step, x: torch.Tensor) -> torch.Tensor:
-    """The layer applied to ``x`` [T, H] (contiguous fp32 CPU); K/V rows of the step are
-    written into the layer's cache at ``step.slots`` first. Every address in ``layer`` and
-    ``step`` must stay alive for the call (the caller holds the tensors)."""
-    out = torch.empty_like(x)
-    failed = _library().decoder_layer_f32(
+def decoder_stack(kern: Kernels, layers: ctypes.Array, step: Step, x: torch.Tensor) -> torch.Tensor:
+    """Every layer of ``layers`` (a ctypes array of ``Layer``, at least one) applied in turn to
+    ``x`` [T, H] (contiguous fp32 CPU); each layer writes its K/V rows of the step into its
+    cache at ``step.slots`` first. Every address in ``layers`` and ``step`` must stay alive for
+    the call (the caller holds the tensors)."""
+    assert len(layers) > 0, "decoder_stack needs at least one layer"
+    out, spare = torch.empty_like(x), torch.empty_like(x)
+    failed = _library().decoder_stack_f32(
         ctypes.addressof(kern),
-        ctypes.addressof(layer),
+        ctypes.addressof(layers),
+        len(layers),
         ctypes.addressof(step),
         x.data_ptr(),
         out.data_ptr(),
+        spare.data_ptr(),
     )
     if failed:
-        raise MemoryError("decoder_layer_f32: out of memory for the attention score buffer")
+        raise MemoryError("decoder_stack_f32: out of memory for the attention score buffer")
     return out

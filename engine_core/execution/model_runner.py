@@ -13,7 +13,7 @@ from engine_core.errors import ModelLoadError
 from engine_core.execution.sampler import sample_step
 from engine_core.layers.attention import choose_backend
 from engine_core.layers.elementwise import choose_elementwise
-from engine_core.layers.fused_layer import choose_fused_layer
+from engine_core.layers.fused_layer import choose_fused_layers
 from engine_core.layers.packed_linear import PackedLinear
 from engine_core.layers.sharded import WeightOwner
 from engine_core.model_config import ModelConfig
@@ -47,10 +47,10 @@ def build_model(
     attention = choose_backend(device, dtype, config.deterministic)
     linear, matmul = engine_linear(config, model_cfg, tp.size, dtype)
     elementwise = choose_elementwise(device, dtype)
-    fused_layer = choose_fused_layer(linear, attention, elementwise, tp.size)
+    fused_layers = choose_fused_layers(linear, attention, elementwise, tp.size)
     model_class = ARCHITECTURES[model_cfg.architecture].model_class
     with torch.device(device):
-        ops = ModelOps(attention, linear, elementwise, fused_layer)
+        ops = ModelOps(attention, linear, elementwise, fused_layers)
         model = model_class(model_cfg, tp, context_length, ops)
     model = model.to(dtype).eval()
     if config.weight_dtype == "bfloat16":

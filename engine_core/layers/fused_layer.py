@@ -1,6 +1,6 @@
-"""``FusedDecoderLayer``: a Llama decoder layer as one C call (``kernels.cpu_decoder_layer``)
-for the steps whose every op already runs a C kernel -- chosen once per engine like the
-matmul, the attention backend and the elementwise ops.
+"""``FusedDecoderLayers``: every decoder layer of a Llama model in one C call
+(``kernels.cpu_decoder_layer``) for the steps whose every op already runs a C kernel -- chosen
+once per engine like the matmul, the attention backend and the elementwise ops.
 
 It takes every step of at most ``MAX_ROWS`` rows (the C attention kernel runs every row,
 decode and prefill); bigger steps run the modules, where the per-op overhead is a small
@@ -8,13 +8,21 @@ share. The result is bitwise the modules' (same kernels, same order), so which p
 takes changes no bit: deterministic mode and the trainer-side alignment hold whatever the mix.
 
 Built only for fp32 CPU engines with TP 1 (a row-parallel layer all-reduces between the
-kernels) on the packed linear, the C attention and the fused elementwise ops; a layer with
+kernels) on the packed linear, the C attention and the fused elementwise ops; a model with
 q/k norms (Qwen3) keeps its modules.
+
+The C side takes addresses: every layer's packs, norms, bias and KV cache, gathered into an
+array once and reused while a cheap probe (~50 us for 30 layers: the parameters' storage and
+version, the KV caches' addresses, the packs' generation) says nothing moved. It follows every
+write through a parameter (in place or by rebinding ``.data``), every repack or dropped pack,
+and a reallocated KV cache. Replacing a parameter or layer *object* is not followed (the
+engine never does; it writes through its parameters).
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,17 +38,37 @@ from kernels import cpu_decoder_layer as c
 MAX_ROWS = 512
 
 
-class FusedDecoderLayer:
-    """The one-call layer for an engine (see the module docstring)."""
+@dataclass
+class _Parts:
+    """What one layer's C structure is made from, held so a step can probe it without the
+    modules' attribute lookups (those cost ~27 us a layer on the 2-core machine)."""
+
+    matrices: tuple  # qkv, o, gate_up, down weights (Parameters)
+    norms: tuple  # input and post-attention norm weights
+    bias: Any  # qkv bias or None
+    attn: Any  # the attention module: its KV cache is rebound on (re)allocation
+
+
+@dataclass
+class _Stack:
+    layers: weakref.ref  # the ModuleList it was built for
+    parts: tuple[_Parts, ...]
+    key: tuple  # the probe when built
+    kern: c.Kernels
+    array: Any  # ctypes array of c.Layer
+
+
+class FusedDecoderLayers:
+    """The one-call layers for an engine (see the module docstring)."""
 
     def __init__(self, linear: PackedLinear) -> None:
         self.linear = linear
         # The step being run: its attention metadata and RoPE tables (kept alive while the
         # C structure points at them), the structure, and its workspace.
-        self._step_of: tuple[Any, Any] | None = None
+        self._step_of: tuple[Any, ...] | None = None
         self._step: c.Step | None = None
         self._workspace = torch.empty(0)
-        self._layers: dict[int, tuple] = {}  # id(layer) -> (layer, packs, addresses, structure)
+        self._stack: _Stack | None = None
 
     def takes(self, x: torch.Tensor, meta: Any) -> bool:
         """Whether this step is the C kernels' and small enough (else the modules run it)."""
@@ -52,48 +80,44 @@ class FusedDecoderLayer:
             and x.is_contiguous()
         )
 
-    def __call__(self, layer, rope: RopeTables, x: torch.Tensor, meta: RowsMeta) -> torch.Tensor:
+    def __call__(self, layers, rope: RopeTables, x: torch.Tensor, meta: RowsMeta) -> torch.Tensor:
+        """``layers`` (a non-empty sequence of decoder layers) applied in turn to ``x``: bitwise
+        calling each layer's modules."""
         if self._step_of is None or self._step_of[0] is not meta or self._step_of[1] is not rope:
-            self._start_step(layer, rope, x, meta)
-        packs = tuple(self.linear.packed(m.weight) for m in _matrices(layer))  # repacks if stale
-        weights = self._layer(layer, packs)
-        return c.decoder_layer(c.kernels(packs[0].panels.dtype), weights, self._step, x)
+            self._start_step(layers[0], rope, x, meta)
+        stack = self._current(layers)
+        return c.decoder_stack(stack.kern, stack.array, self._step, x)
 
-    def _layer(self, layer, packs: tuple) -> c.Layer:
-        """The layer's C structure, rebuilt only when an address in it may have changed (a new
-        pack, a rebound norm or bias, a reallocated KV cache): building it is most of the
-        Python a layer call costs."""
-        attn, bias = layer.self_attn.attn, layer.self_attn.qkv_proj.bias
-        norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        key = (
-            *(n.weight.data_ptr() for n in norms),
-            None if bias is None else bias.data_ptr(),
-            attn.k_cache.data_ptr(),
-            attn.v_cache.data_ptr(),
+    def _current(self, layers) -> _Stack:
+        """The layers' C structures, rebuilt only when the probe says an address or a pack in
+        them may have changed."""
+        stack = self._stack
+        if stack is not None and stack.layers() is layers and self._probe(stack.parts) == stack.key:
+            return stack
+        self._stack = None  # drop the old addresses before repacking
+        packs = [tuple(self.linear.packed(w) for w in _matrices(layer)) for layer in layers]
+        (dtype,) = {p.panels.dtype for layer_packs in packs for p in layer_packs}
+        structs = [_structure(layer, p) for layer, p in zip(layers, packs)]
+        parts = tuple(_parts(layer) for layer in layers)
+        # Probed after packing: packing bumps the generation.
+        self._stack = _Stack(
+            weakref.ref(layers),
+            parts,
+            self._probe(parts),
+            c.kernels(dtype),
+            (c.Layer * len(structs))(*structs),
         )
-        cached = self._layers.get(id(layer))
-        # The layer and its packs by identity (a repack makes new PackedWeight objects),
-        # through weak references so a released pack is freed, not kept alive here; the rest
-        # by address.
-        if (
-            cached is not None
-            and cached[0]() is layer
-            and cached[2] == key
-            and all(ref() is pack for ref, pack in zip(cached[1], packs))
-        ):
-            return cached[3]
-        weights = c.Layer(
-            *key[:2],
-            *(p.panels.data_ptr() for p in packs),
-            *(None if p.scales is None else p.scales.data_ptr() for p in packs),
-            *key[2:],
-            *(n.eps for n in norms),
-        )
-        refs = tuple(weakref.ref(pack) for pack in packs)
-        # Weak: the layers own this op, so a strong reference back would make a cycle that
-        # keeps a closed engine's model alive until the garbage collector runs.
-        self._layers[id(layer)] = (weakref.ref(layer), refs, key, weights)
-        return weights
+        return self._stack
+
+    def _probe(self, parts: tuple[_Parts, ...]) -> tuple:
+        key: list = [self.linear.generation]
+        for part in parts:
+            for w in part.matrices:  # a changed weight must be repacked first
+                key += (w.data_ptr(), w._version)
+            key += (part.norms[0].data_ptr(), part.norms[1].data_ptr())
+            key.append(None if part.bias is None else part.bias.data_ptr())
+            key += (part.attn.k_cache.data_ptr(), part.attn.v_cache.data_ptr())
+        return tuple(key)
 
     def _start_step(self, layer, rope: RopeTables, x: torch.Tensor, meta: RowsMeta) -> None:
         attn = layer.self_attn.attn
@@ -124,11 +148,34 @@ class FusedDecoderLayer:
 
 def _matrices(layer) -> tuple:
     attn, mlp = layer.self_attn, layer.mlp
-    return (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    return (attn.qkv_proj.weight, attn.o_proj.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight)
 
 
-def choose_fused_layer(linear, attention, elementwise, tp_size: int) -> FusedDecoderLayer | None:
-    """The one-call layer where every op it fuses is a C kernel here, else None."""
+def _norms(layer) -> tuple:
+    return (layer.input_layernorm, layer.post_attention_layernorm)
+
+
+def _parts(layer) -> _Parts:
+    norms = tuple(n.weight for n in _norms(layer))
+    return _Parts(_matrices(layer), norms, layer.self_attn.qkv_proj.bias, layer.self_attn.attn)
+
+
+def _structure(layer, packs: tuple) -> c.Layer:
+    attn, bias = layer.self_attn.attn, layer.self_attn.qkv_proj.bias
+    norms = _norms(layer)
+    return c.Layer(
+        *(n.weight.data_ptr() for n in norms),
+        *(p.panels.data_ptr() for p in packs),
+        *(None if p.scales is None else p.scales.data_ptr() for p in packs),
+        None if bias is None else bias.data_ptr(),
+        attn.k_cache.data_ptr(),
+        attn.v_cache.data_ptr(),
+        *(n.eps for n in norms),
+    )
+
+
+def choose_fused_layers(linear, attention, elementwise, tp_size: int) -> FusedDecoderLayers | None:
+    """The one-call layers where every op they fuse is a C kernel here, else None."""
     if (
         tp_size == 1
         and isinstance(linear, PackedLinear)
@@ -136,5 +183,5 @@ def choose_fused_layer(linear, attention, elementwise, tp_size: int) -> FusedDec
         and isinstance(elementwise, CpuFusedElementwise)
         and c.available()
     ):
-        return FusedDecoderLayer(linear)
+        return FusedDecoderLayers(linear)
     return None

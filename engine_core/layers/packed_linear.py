@@ -47,6 +47,9 @@ class PackedLinear:
         # the parameters stay in the compute dtype (loads, refits, checksums unchanged).
         self.pack = cpu_linear.pack_int8 if int8 else cpu_linear.pack
         self._packs: dict[int, _Pack] = {}
+        # Bumped whenever a pack is made, remade or dropped: a cheap "may any pack have
+        # changed" for callers that hold pack addresses (the one-call layers).
+        self.generation = 0
 
     def __call__(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -63,10 +66,12 @@ class PackedLinear:
             # Same shape and dtype (every refit): repack in place, so refits allocate nothing.
             entry.packed = self.pack(weight, into=entry.packed)
             entry.made_from = now
+            self.generation += 1
             return entry.packed
         self._packs.pop(id(weight), None)  # free the stale pack before making the new one
         entry = _Pack(weight, now, self.pack(weight))
         self._packs[id(weight)] = entry
+        self.generation += 1
         return entry.packed
 
     def refresh(self, model: torch.nn.Module) -> None:
@@ -82,6 +87,7 @@ class PackedLinear:
         """Drop every pack (the weights are being released); returns the bytes freed."""
         freed = self.nbytes
         self._packs.clear()
+        self.generation += 1
         return freed
 
     @property

@@ -43,12 +43,12 @@ class ModelOps:
     """Ops chosen once per engine: the matmul (deterministic mode swaps in a batch-invariant
     one), the attention backend (``layers.attention.choose_backend``), the elementwise ops
     (``layers.elementwise.choose_elementwise``) and, where all of those are C kernels, the
-    one-call decoder layer (``layers.fused_layer.choose_fused_layer``; None otherwise)."""
+    one-call decoder layers (``layers.fused_layer.choose_fused_layers``; None otherwise)."""
 
     attention: Any
     linear: LinearFn = F.linear
     elementwise: Elementwise = TORCH
-    fused_layer: Any = None
+    fused_layers: Any = None
 
 
 class Attention(nn.Module):
@@ -106,12 +106,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, tp, be)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, be.elementwise)
         self.mlp = MLP(cfg, tp, be)
-        # q/k norms (Qwen3) sit between kernels the one-call layer runs back to back.
-        self.fused = None if cfg.qk_norm else be.fused_layer
 
     def forward(self, rope: RopeTables, x, meta):
-        if self.fused is not None and self.fused.takes(x, meta):
-            return self.fused(self, rope, x, meta)  # bitwise the modules below
         attended = self.self_attn(rope, self.input_layernorm(x), meta)
         x, h = self.post_attention_layernorm.add_norm(x, attended)
         return x + self.mlp(h)
@@ -126,13 +122,18 @@ class LlamaModel(nn.Module):
         )
         self.layers = nn.ModuleList(DecoderLayer(cfg, tp, be) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, be.elementwise)
+        # q/k norms (Qwen3) sit between kernels the one-call layers run back to back.
+        self.fused = None if cfg.qk_norm else be.fused_layers
 
     def forward(self, ids, positions, meta):
         # The residual stream is in the norms' dtype (matrices may be stored narrower).
         x = self.embed_tokens(ids).to(self.norm.weight.dtype)
         rope = self.rotary_emb.tables(positions, x.dtype)  # once per step, not per layer
-        for layer in self.layers:
-            x = layer(rope, x, meta)
+        if self.fused is not None and self.fused.takes(x, meta):
+            x = self.fused(self.layers, rope, x, meta)  # bitwise the layers' modules
+        else:
+            for layer in self.layers:
+                x = layer(rope, x, meta)
         return self.norm(x)
 
 

@@ -1,7 +1,7 @@
-"""The one-call decoder layer (``engine_core.layers.fused_layer``, ``kernels.cpu_decoder_layer``):
-chosen where every op it fuses is a C kernel, taken by every step of at most ``MAX_ROWS``
-rows, and bitwise the module path on every step it takes -- in default and deterministic
-mode, with a qkv bias, and with narrow weight packs."""
+"""The one-call decoder layers (``engine_core.layers.fused_layer``,
+``kernels.cpu_decoder_layer``): chosen where every op they fuse is a C kernel, taken by every
+step of at most ``MAX_ROWS`` rows, and bitwise the module path on every step they take -- in
+default and deterministic mode, with a qkv bias, and with narrow weight packs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from engine_core import Engine
 from engine_core.layers import fused_layer
 from engine_core.layers.attention_backends import RowsMeta
-from engine_core.layers.fused_layer import FusedDecoderLayer
+from engine_core.layers.fused_layer import FusedDecoderLayers
 from engine_core.layers.packed_linear import PackedLinear
 from kernels import cpu_decoder_layer
 
@@ -23,24 +23,23 @@ PROMPTS = [[5 + i for i in range(n)] for n in (3, 17, 40, 9)]
 PARAMS = {"max_new_tokens": 7, "temperature": 0.0, "ignore_eos": True, "n": 2}
 
 
-def _layers(engine: Engine):
-    return engine.ranks._transport.rank.runner.model.model.layers
+def _model(engine: Engine):
+    return engine.ranks._transport.rank.runner.model.model
 
 
 def _rollout(path: str, fused: bool, monkeypatch, **config):
-    """Outputs and logprobs of one rollout, and how many layer calls took the one-call path."""
+    """Outputs and logprobs of one rollout, and the rows of each step the one-call path ran."""
     calls = []
-    real_call = FusedDecoderLayer.__call__
+    real_call = FusedDecoderLayers.__call__
 
     def counted(self, *args):
         calls.append(args[2].shape[0])
         return real_call(self, *args)
 
-    monkeypatch.setattr(FusedDecoderLayer, "__call__", counted)
+    monkeypatch.setattr(FusedDecoderLayers, "__call__", counted)
     with Engine(path, skip_tokenizer_init=True, **config) as engine:
         if not fused:
-            for layer in _layers(engine):
-                layer.fused = None
+            _model(engine).fused = None
         outs = engine.generate(input_ids=PROMPTS, sampling_params=PARAMS, return_logprob=True)
     got = [(o["output_ids"], o["meta_info"]["output_token_logprobs"]) for o in outs]
     return got, calls
@@ -69,12 +68,12 @@ def test_the_one_call_layer_is_bitwise_the_modules(model_dir, monkeypatch, kind,
 
 def test_chosen_where_every_fused_op_is_a_c_kernel(model_dir):
     with Engine(model_dir("llama"), skip_tokenizer_init=True) as engine:
-        assert all(isinstance(layer.fused, FusedDecoderLayer) for layer in _layers(engine))
+        assert isinstance(_model(engine).fused, FusedDecoderLayers)
     # q/k norms sit between the kernels: Qwen3 keeps its modules.
     with Engine(model_dir("qwen3"), skip_tokenizer_init=True) as engine:
-        assert all(layer.fused is None for layer in _layers(engine))
-    assert fused_layer.choose_fused_layer(torch.nn.functional.linear, None, None, 1) is None
-    assert fused_layer.choose_fused_layer(PackedLinear(), None, None, 2) is None
+        assert _model(engine).fused is None
+    assert fused_layer.choose_fused_layers(torch.nn.functional.linear, None, None, 1) is None
+    assert fused_layer.choose_fused_layers(PackedLinear(), None, None, 2) is None
 
 
 def _meta(rows: int) -> RowsMeta:
@@ -83,7 +82,7 @@ def _meta(rows: int) -> RowsMeta:
 
 
 def test_takes_the_c_kernels_steps_up_to_max_rows():
-    op = FusedDecoderLayer(PackedLinear())
+    op = FusedDecoderLayers(PackedLinear())
     x = torch.zeros(4, 8)
     assert op.takes(x, _meta(4))
     assert not op.takes(x, object())  # another backend's metadata
@@ -112,3 +111,21 @@ def test_the_one_call_layer_follows_refits_and_released_memory(model_dir):
         engine.release_memory_occupation()
         engine.resume_memory_occupation()
         assert greedy(engine) == expected
+
+
+def test_the_one_call_layers_follow_a_write_through_a_parameter(model_dir):
+    """A write through a parameter outside a refit (its version moves) repacks that weight
+    before the next step: the one-call path then equals the modules on the new weight."""
+
+    def greedy(engine: Engine):
+        outs = engine.generate(input_ids=PROMPTS, sampling_params=PARAMS, return_logprob=True)
+        return [(o["output_ids"], o["meta_info"]["output_token_logprobs"]) for o in outs]
+
+    with Engine(model_dir("llama"), skip_tokenizer_init=True) as engine:
+        before = greedy(engine)  # the structures are built on the old values
+        with torch.no_grad():
+            _model(engine).layers[1].mlp.down_proj.weight.mul_(-1.0)
+        fused_after = greedy(engine)
+        _model(engine).fused = None
+        modules_after = greedy(engine)
+    assert fused_after == modules_after != before
