@@ -14,6 +14,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -226,25 +227,29 @@ int paged_attention_f32(const float *q, const float *k_cache, const float *v_cac
                         int64_t D, int64_t ps, int64_t max_pages, float scale) {
     const int64_t group = Hq / Hk;
     int failed = 0;
-    /* Below this much work (one decode row, short context) waking the second thread costs
-     * more than it saves. Which thread computes a row never changes its result. */
-    const int par = T * Hq * max_pages * ps * D >= PARALLEL_MIN;
+    /* Few (row, KV head) tasks -- a decode step of a few sequences -- would leave a thread
+     * idle while the other waits on the KV rows from DRAM (a batch-1 layer: 3 tasks, ~40 us
+     * on one thread); then every query head is its own task, on every thread. The same bits:
+     * a head's scores, softmax and values never depend on the heads it is grouped with. */
+    const int per_head = T * Hk < 4 * (int64_t)omp_get_max_threads();
+    /* Otherwise, below this much work (one decode row, short context) waking the second
+     * thread costs more than it saves. Which thread computes a row never changes its result. */
+    const int par = per_head || T * Hq * max_pages * ps * D >= PARALLEL_MIN;
+    const int64_t tasks = per_head ? T * Hq : T * Hk, heads = per_head ? 1 : group;
 #pragma omp parallel if (par)
     {
         const int64_t stride = (max_pages * ps + LANES - 1) / LANES * LANES;
-        float *scores = (float *)malloc(sizeof(float) * group * stride);
+        float *scores = (float *)malloc(sizeof(float) * heads * stride);
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
         } else {
 #pragma omp for schedule(static)
-            for (int64_t task = 0; task < T * Hk; task++) {
-                const int64_t t = task / Hk, hk = task % Hk;
+            for (int64_t task = 0; task < tasks; task++) {
+                const int64_t t = task / (Hq / heads), h = task % (Hq / heads) * heads;
                 const int64_t *pages = page_table + row_seq[t] * max_pages;
-                const float *qrow = q + (t * Hq + hk * group) * D;
-                float *orow = out + (t * Hq + hk * group) * D;
-                attend_row(qrow, k_cache, v_cache, pages, row_pos[t], hk, group, Hk, D, ps,
-                           scale, scores, stride, orow);
+                attend_row(q + (t * Hq + h) * D, k_cache, v_cache, pages, row_pos[t], h / group,
+                           heads, Hk, D, ps, scale, scores, stride, out + (t * Hq + h) * D);
             }
             free(scores);
         }
