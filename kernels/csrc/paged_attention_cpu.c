@@ -20,6 +20,7 @@
 
 #define LANES 8
 #define PARALLEL_MIN (1 << 19) /* query-key multiply-adds */
+#define PARALLEL_MIN_HEADS (1 << 15) /* the same, with a task per query head */
 
 /* The fixed lane tree: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)). */
 static inline float reduce_lanes(__m256 v) {
@@ -232,9 +233,11 @@ int paged_attention_f32(const float *q, const float *k_cache, const float *v_cac
      * on one thread); then every query head is its own task, on every thread. The same bits:
      * a head's scores, softmax and values never depend on the heads it is grouped with. */
     const int per_head = T * Hk < 4 * (int64_t)omp_get_max_threads();
-    /* Otherwise, below this much work (one decode row, short context) waking the second
-     * thread costs more than it saves. Which thread computes a row never changes its result. */
-    const int par = per_head || T * Hq * max_pages * ps * D >= PARALLEL_MIN;
+    /* Below this much work waking the second thread costs more than it saves (per-head
+     * tasks pay off sooner: their reads wait on DRAM). Which thread computes a row never
+     * changes its result. */
+    const int64_t work = T * Hq * max_pages * ps * D;
+    const int par = work >= (per_head ? PARALLEL_MIN_HEADS : PARALLEL_MIN);
     const int64_t tasks = per_head ? T * Hq : T * Hk, heads = per_head ? 1 : group;
 #pragma omp parallel if (par)
     {
