@@ -66,6 +66,16 @@ def test_the_one_call_layer_is_bitwise_the_modules(model_dir, monkeypatch, kind,
     assert max(calls) > len(PROMPTS) * PARAMS["n"]  # more rows than sequences: a prefill
 
 
+@pytest.mark.parametrize("layers", [1, 3])
+def test_any_number_of_layers_lands_in_the_output(model_dir, monkeypatch, layers):
+    """The C stack ping-pongs between two buffers and must end in the output for an odd
+    count and a single layer too (the test models otherwise have two)."""
+    path = model_dir("llama", num_hidden_layers=layers)
+    fused, calls = _rollout(path, True, monkeypatch)
+    modules, _ = _rollout(path, False, monkeypatch)
+    assert calls and fused == modules
+
+
 def test_chosen_where_every_fused_op_is_a_c_kernel(model_dir):
     with Engine(model_dir("llama"), skip_tokenizer_init=True) as engine:
         assert isinstance(_model(engine).fused, FusedDecoderLayers)
