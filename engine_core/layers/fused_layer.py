@@ -45,6 +45,7 @@ class _Parts:
 
     matrices: tuple  # qkv, o, gate_up, down weights (Parameters)
     norms: tuple  # input and post-attention norm weights
+    eps: tuple  # and their epsilons
     bias: Any  # qkv bias or None
     attn: Any  # the attention module: its KV cache is rebound on (re)allocation
 
@@ -83,9 +84,9 @@ class FusedDecoderLayers:
     def __call__(self, layers, rope: RopeTables, x: torch.Tensor, meta: RowsMeta) -> torch.Tensor:
         """``layers`` (a non-empty sequence of decoder layers) applied in turn to ``x``: bitwise
         calling each layer's modules."""
-        if self._step_of is None or self._step_of[0] is not meta or self._step_of[1] is not rope:
-            self._start_step(layers[0], rope, x, meta)
         stack = self._current(layers)
+        if self._step_of is None or self._step_of[0] is not meta or self._step_of[1] is not rope:
+            self._start_step(stack.parts[0], rope, x, meta)
         return c.decoder_stack(stack.kern, stack.array, self._step, x)
 
     def _current(self, layers) -> _Stack:
@@ -95,10 +96,10 @@ class FusedDecoderLayers:
         if stack is not None and stack.layers() is layers and self._probe(stack.parts) == stack.key:
             return stack
         self._stack = None  # drop the old addresses before repacking
-        packs = [tuple(self.linear.packed(w) for w in _matrices(layer)) for layer in layers]
-        (dtype,) = {p.panels.dtype for layer_packs in packs for p in layer_packs}
-        structs = [_structure(layer, p) for layer, p in zip(layers, packs)]
         parts = tuple(_parts(layer) for layer in layers)
+        packs = [tuple(self.linear.packed(w) for w in part.matrices) for part in parts]
+        (dtype,) = {p.panels.dtype for layer_packs in packs for p in layer_packs}
+        structs = [_structure(part, p) for part, p in zip(parts, packs)]
         # Probed after packing: packing bumps the generation.
         self._stack = _Stack(
             weakref.ref(layers),
@@ -119,10 +120,10 @@ class FusedDecoderLayers:
             key += (part.attn.k_cache.data_ptr(), part.attn.v_cache.data_ptr())
         return tuple(key)
 
-    def _start_step(self, layer, rope: RopeTables, x: torch.Tensor, meta: RowsMeta) -> None:
-        attn = layer.self_attn.attn
+    def _start_step(self, part: _Parts, rope: RopeTables, x: torch.Tensor, meta: RowsMeta) -> None:
+        attn = part.attn
         rows, hidden = x.shape
-        inter = layer.mlp.down_proj.weight.shape[1]
+        inter = part.matrices[3].shape[1]  # down_proj's input features
         dims = (hidden, attn.num_heads, attn.num_kv_heads, attn.head_dim, inter)
         need = c.workspace_floats(rows, *dims)
         if self._workspace.numel() < need:
@@ -146,31 +147,27 @@ class FusedDecoderLayers:
         )
 
 
-def _matrices(layer) -> tuple:
-    attn, mlp = layer.self_attn, layer.mlp
-    return (attn.qkv_proj.weight, attn.o_proj.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight)
-
-
-def _norms(layer) -> tuple:
-    return (layer.input_layernorm, layer.post_attention_layernorm)
-
-
 def _parts(layer) -> _Parts:
-    norms = tuple(n.weight for n in _norms(layer))
-    return _Parts(_matrices(layer), norms, layer.self_attn.qkv_proj.bias, layer.self_attn.attn)
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    return _Parts(
+        (attn.qkv_proj.weight, attn.o_proj.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight),
+        tuple(n.weight for n in norms),
+        tuple(n.eps for n in norms),
+        attn.qkv_proj.bias,
+        attn.attn,
+    )
 
 
-def _structure(layer, packs: tuple) -> c.Layer:
-    attn, bias = layer.self_attn.attn, layer.self_attn.qkv_proj.bias
-    norms = _norms(layer)
+def _structure(part: _Parts, packs: tuple) -> c.Layer:
     return c.Layer(
-        *(n.weight.data_ptr() for n in norms),
+        *(n.data_ptr() for n in part.norms),
         *(p.panels.data_ptr() for p in packs),
         *(None if p.scales is None else p.scales.data_ptr() for p in packs),
-        None if bias is None else bias.data_ptr(),
-        attn.k_cache.data_ptr(),
-        attn.v_cache.data_ptr(),
-        *(n.eps for n in norms),
+        None if part.bias is None else part.bias.data_ptr(),
+        part.attn.k_cache.data_ptr(),
+        part.attn.v_cache.data_ptr(),
+        *part.eps,
     )
 
 

@@ -238,7 +238,7 @@ int paged_attention_f32(const float *q, const float *k_cache, const float *v_cac
      * changes its result. */
     const int64_t work = T * Hq * max_pages * ps * D;
     const int par = work >= (per_head ? PARALLEL_MIN_HEADS : PARALLEL_MIN);
-    const int64_t tasks = per_head ? T * Hq : T * Hk, heads = per_head ? 1 : group;
+    const int64_t heads = per_head ? 1 : group, tasks_per_row = Hq / heads;
 #pragma omp parallel if (par)
     {
         const int64_t stride = (max_pages * ps + LANES - 1) / LANES * LANES;
@@ -248,8 +248,8 @@ int paged_attention_f32(const float *q, const float *k_cache, const float *v_cac
             failed = 1;
         } else {
 #pragma omp for schedule(static)
-            for (int64_t task = 0; task < tasks; task++) {
-                const int64_t t = task / (Hq / heads), h = task % (Hq / heads) * heads;
+            for (int64_t task = 0; task < T * tasks_per_row; task++) {
+                const int64_t t = task / tasks_per_row, h = task % tasks_per_row * heads;
                 const int64_t *pages = page_table + row_seq[t] * max_pages;
                 attend_row(q + (t * Hq + h) * D, k_cache, v_cache, pages, row_pos[t], h / group,
                            heads, Hk, D, ps, scale, scores, stride, out + (t * Hq + h) * D);
