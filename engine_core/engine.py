@@ -282,8 +282,8 @@ class Engine:
     # SGLang's return values: ``(success, message)`` (``update_weights_from_disk`` adds
     # ``num_paused_requests``); a failure is ``(False, message)`` with weights and version
     # unchanged, or the typed error with ``refit_errors="raise"`` (``weights/refit_results``).
-    # ``flush_cache`` is accepted for SGLang's callers; there is no prefix cache to flush
-    # yet, so it has no effect.
+    # ``flush_cache`` is accepted for SGLang's callers and has no effect: a committed refit
+    # always drops the prefix cache (KV computed with the old weights is never reused).
     def update_weights_from_disk(
         self,
         model_path: str,

@@ -341,7 +341,7 @@ def server_args_view(config: Any, given: dict[str, Any]) -> dict[str, Any]:
     view["enable_deterministic_inference"] = config.deterministic
     host_copy = config.weights_host_copy
     view["enable_weights_cpu_backup"] = config.device == "cuda" if host_copy is None else host_copy
-    view["disable_radix_cache"] = True  # there is none
+    view["disable_radix_cache"] = not config.enable_prefix_cache
     view["model_path"] = config.model_path
     view["tokenizer_path"] = None if config.skip_tokenizer_init else config.model_path
     return view

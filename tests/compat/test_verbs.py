@@ -92,7 +92,7 @@ def test_get_server_info_has_sglang_s_flat_keys_and_ours(engine, tiny_model):
     assert info["max_running_requests"] == cfg.max_running_requests
     assert info["max_total_tokens"] == 1024 and info["max_total_num_tokens"] == 1024
     assert info["max_req_input_len"] == min(engine.context_length, 1024) - 1
-    assert info["disable_radix_cache"] is True  # there is no prefix cache
+    assert info["disable_radix_cache"] is False  # the radix prefix cache is on by default
     assert info["enable_deterministic_inference"] is False and info["dtype"] == "auto"
     assert isinstance(info["internal_states"], list) and info["version"]
     assert info["weight_version"] == engine.weight_version

@@ -40,7 +40,9 @@ def test_switch_turns_the_cache_off(tiny_model, uncached_tokens):
         with Engine(tiny_model, **KW, **kwargs) as engine:
             outs = outputs(engine, QUESTIONS) + outputs(engine, QUESTIONS)
             assert engine.drain_cache_events() == []
-            assert engine.get_server_info()["prefix_cache"] == {"enabled": False}
+            info = engine.get_server_info()
+            assert info["prefix_cache"] == {"enabled": False}
+            assert info["disable_radix_cache"] is True  # SGLang's flat key says so too
         assert all(o["meta_info"]["cached_tokens"] == 0 for o in outs)
         assert [o["output_ids"] for o in outs[:4]] == uncached_tokens
 
