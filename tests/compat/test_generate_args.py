@@ -82,7 +82,7 @@ def test_empty_and_per_item_none_values_are_accepted(engine, plain):
         return_hidden_states=[False, False],
         data_parallel_rank=0,  # SGLang ignores rank 0 when dp_size is 1
         priority=3,  # no priority scheduling: ignored, as SGLang's default
-        cache_salt="salt",  # no prefix cache to isolate
+        cache_salt="salt",  # isolates the prefix cache; the output is the same
     )
     assert [o["output_ids"] for o in outs] == [plain["output_ids"]] * 2
 
