@@ -2,7 +2,8 @@
 
 The constructor builds the engine's parts in order; every verb delegates to the part that owns
 it. A request: ``GenerateRequest`` -> ``RequestFactory`` (validated, one ``Request`` per
-sample) -> the background ``EngineLoop`` (scheduler, ranks) -> a sink -> the output dict.
+sample) -> ``Submission`` -> the background ``EngineLoop`` (scheduler, ranks) -> a sink -> the
+output dict.
 Logprobs are ``log_softmax(logits / T)`` over the full vocabulary, with ``T`` the request's
 temperature (1.0 when greedy) -- what a trainer recomputes; with a sampling penalty, of the
 penalized logits (as SGLang).
@@ -10,38 +11,29 @@ penalized logits (as SGLang).
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
-import queue
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from engine_core.config import EngineConfig
 from engine_core.control.engine_memory import MemoryController, normalize_tags
-from engine_core.errors import EngineStoppedError, InvalidRequestError, ModelLoadError
+from engine_core.errors import InvalidRequestError, ModelLoadError
 from engine_core.execution.rank_client import start_ranks
 from engine_core.info import model_info, server_info
-from engine_core.kv_budget import default_kv_budget_bytes
-from engine_core.model_config import load_model_config
+from engine_core.kv_budget import resolve_kv_budget
+from engine_core.model_config import load_model_config, serving_context_length
 from engine_core.parallel import check_tp_divisibility
 from engine_core.requests.factory import RequestFactory
 from engine_core.requests.generate_request import GenerateRequest, takes_generate_request
-from engine_core.requests.outputs import (
-    BlockingSink,
-    FlushCacheOutput,
-    FutureSink,
-    OutputBuilder,
-    StreamSink,
-)
-from engine_core.requests.request import Request
+from engine_core.requests.outputs import FlushCacheOutput, OutputBuilder
+from engine_core.requests.submission import Submission
 from engine_core.scheduling.cache_events import CacheEvent
 from engine_core.scheduling.loop import EngineLoop
 from engine_core.scheduling.page_pool import PagePool
 from engine_core.scheduling.radix_cache import RadixCache
 from engine_core.scheduling.scheduler import Scheduler
 from engine_core.server_args import resolve as resolve_server_args
-from engine_core.sglang_args import kv_budget_bytes, log_no_effect
+from engine_core.sglang_args import log_no_effect
 from engine_core.tokenizer import load_tokenizer
 from engine_core.weights.payloads import RefitSegments
 from engine_core.weights.refit_results import (
@@ -75,9 +67,8 @@ class Engine:
             _set_log_level(translated.given["log_level"])
         log_no_effect(translated.no_effect)
         self.model_config = mc = load_model_config(model_path)
-        self.config = config
-        self.context_length = self._context_length()
-        self.config = config = self._resolve_kv_budget(config, mc)
+        self.context_length = serving_context_length(mc, config.context_length)
+        self.config = config = resolve_kv_budget(config, mc, self.context_length)
         self.served = {"model_path": model_path, "load_format": translated.given.get("load_format")}
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(model_path)
         check_tp_divisibility(mc.num_heads, mc.num_kv_heads, mc.intermediate_size, config.tp_size)
@@ -135,26 +126,7 @@ class Engine:
             on_commit=self.scheduler.reset_cache,
         )
         self.results = RefitResults(config.refit_errors)
-
-    def _resolve_kv_budget(self, config: EngineConfig, mc) -> EngineConfig:
-        """The KV bytes per rank, unless ``max_total_tokens`` sizes the cache in tokens:
-        ``mem_fraction_static`` (SGLang's sizing), the given ``kv_cache_memory_bytes``, or the
-        capped share of available memory (``engine_core.kv_budget``)."""
-        if config.max_total_tokens is not None:
-            return config
-        if config.mem_fraction_static is not None:
-            budget = kv_budget_bytes(config, mc)
-        elif config.kv_cache_memory_bytes is None:
-            budget = default_kv_budget_bytes(config, mc, self.context_length)
-        else:
-            return config
-        return dataclasses.replace(config, kv_cache_memory_bytes=budget)
-
-    def _context_length(self) -> int:
-        mc = self.model_config
-        limit = self.config.context_length or mc.max_position_embeddings
-        # Sliding-window models run full attention; capping the context keeps that exact.
-        return min(limit, mc.sliding_window) if mc.sliding_window else limit
+        self.submission = Submission(self.requests, self.outputs, self.loop, self.memory)
 
     def _version(self) -> str:
         return self.versions.current
@@ -166,62 +138,13 @@ class Engine:
         adjacent); arguments: ``GenerateRequest``'s (SGLang's). ``stream=True`` (one prompt,
         n=1) returns an iterator of chunks, each holding the output so far (as SGLang; the last
         equals the final output), or only what is new with ``incremental_streaming_output``."""
-        request = GenerateRequest.of(*args, **kwargs)
-        reqs, is_batch = self.requests.build(request)
-        if request.stream:
-            chunks: queue.SimpleQueue = queue.SimpleQueue()
-            self._submit_stream(reqs, is_batch, chunks.put)
-            return _stream(chunks, lambda: self.requests.release([reqs[0].rid]))
-        sinks = [BlockingSink(self.outputs.final) for _ in reqs]
-        self._submit(reqs, sinks)
-        for sink in sinks:
-            while not sink.done.wait(timeout=1.0):
-                if not self.loop.alive:
-                    raise EngineStoppedError("engine loop died; see the log for its error")
-        error = next((sink.error for sink in sinks if sink.error is not None), None)
-        if error is not None:
-            self.requests.release(r.rid for r in reqs)  # their outputs never got built
-            raise error
-        outputs = [sink.output for sink in sinks]
-        return outputs if is_batch or len(outputs) > 1 else outputs[0]
+        return self.submission.generate(GenerateRequest.of(*args, **kwargs))
 
     @takes_generate_request
     async def async_generate(self, *args: Any, **kwargs: Any):
         """asyncio form of ``generate``; concurrent calls share batches. With ``stream=True``
         returns an async iterator of chunks."""
-        request = GenerateRequest.of(*args, **kwargs)
-        reqs, is_batch = self.requests.build(request)
-        loop = asyncio.get_running_loop()
-        if request.stream:
-            chunks: asyncio.Queue = asyncio.Queue()
-            self._submit_stream(
-                reqs, is_batch, lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)
-            )
-            return _drain(chunks, lambda: self.requests.release([reqs[0].rid]))
-        sinks = [FutureSink(self.outputs.final, loop) for _ in reqs]
-        self._submit(reqs, sinks)
-        try:
-            outputs = list(await asyncio.gather(*(s.future for s in sinks)))
-        except BaseException:
-            self.requests.release(r.rid for r in reqs)  # their outputs never got built
-            raise
-        return outputs if is_batch or len(outputs) > 1 else outputs[0]
-
-    def _submit_stream(self, reqs: list[Request], is_batch: bool, push) -> None:
-        if is_batch or len(reqs) != 1:
-            self.requests.release(r.rid for r in reqs)
-            raise InvalidRequestError("stream", True, "streaming takes one prompt with n=1")
-        self._submit(reqs, [StreamSink(self.outputs.delta, push)])
-
-    def _submit(self, reqs: list[Request], sinks: list) -> None:
-        alive = self.loop.alive
-        error = self.memory.submit_error(self.loop.call) if alive else None
-        if not alive:
-            error = EngineStoppedError("engine is shut down")
-        if error is not None:
-            self.requests.release(r.rid for r in reqs)
-            raise error
-        self.loop.submit(reqs, sinks)
+        return await self.submission.async_generate(GenerateRequest.of(*args, **kwargs))
 
     def abort_request(self, rid: str | None = None, abort_all: bool = False) -> None:
         """Abort a request (its output returns with finish_reason abort), or all of them."""
@@ -507,21 +430,3 @@ def _set_log_level(level: Any) -> None:
     """SGLang's ``log_level`` (validated by ``sglang_args.translate``): the level of the
     ``engine_core`` loggers."""
     logging.getLogger("engine_core").setLevel(str(level).upper())
-
-
-def _stream(chunks: queue.SimpleQueue, release) -> Iterator[dict[str, Any]]:
-    """Chunks until the end marker; a failure the sink reported is raised (``release``
-    frees the request's id, whose final chunk never got built)."""
-    while (chunk := chunks.get()) is not None:
-        if isinstance(chunk, BaseException):
-            release()
-            raise chunk
-        yield chunk
-
-
-async def _drain(chunks: asyncio.Queue, release) -> AsyncIterator[dict[str, Any]]:
-    while (chunk := await chunks.get()) is not None:
-        if isinstance(chunk, BaseException):
-            release()
-            raise chunk
-        yield chunk

@@ -123,3 +123,11 @@ def load_model_config(model_path: str) -> ModelConfig:
         torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
         model_type=str(cfg.get("model_type") or ""),
     )
+
+
+def serving_context_length(model_cfg: ModelConfig, configured: int | None) -> int:
+    """The longest sequence an engine serves: ``configured`` (else the model's
+    ``max_position_embeddings``), capped at a sliding window -- such models run full attention
+    here, and the cap keeps that exact."""
+    limit = configured or model_cfg.max_position_embeddings
+    return min(limit, model_cfg.sliding_window) if model_cfg.sliding_window else limit

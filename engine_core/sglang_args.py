@@ -15,17 +15,14 @@ A trainer written for ``sglang.Engine(model_path=..., **server_args)`` runs on
   reports it (``get_model_info`` / ``get_server_info``).
 
 A name that is neither an ``EngineConfig`` field nor a row here raises ``InvalidConfigError``
-naming it. Pure Python (no torch at import): the Ray service validates engine kwargs with it;
-``kv_budget_bytes`` (``mem_fraction_static``) imports torch when called, in the engine process.
+naming it. Pure Python (no torch at import): the Ray service validates engine kwargs with it.
+What ``mem_fraction_static`` sizes is computed in ``engine_core.kv_budget``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -345,70 +342,3 @@ def server_args_view(config: Any, given: dict[str, Any]) -> dict[str, Any]:
     view["model_path"] = config.model_path
     view["tokenizer_path"] = None if config.skip_tokenizer_init else config.model_path
     return view
-
-
-# ------------------------------------------------------------------ mem_fraction_static
-def available_memory_bytes(device: str) -> int:
-    """Device memory a fraction is taken of: on CUDA the device's total (as SGLang), on CPU
-    ``MemAvailable`` of ``/proc/meminfo`` (else the free physical pages)."""
-    if device == "cuda":
-        import torch
-
-        return int(torch.cuda.mem_get_info()[1])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def checkpoint_numel(model_path: str) -> int:
-    """Parameters in a safetensors checkpoint, from the file headers (no tensor is read)."""
-    from engine_core.weights.loader import checkpoint_files
-
-    total = 0
-    for path in checkpoint_files(model_path):
-        try:
-            with open(path, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
-            total += sum(
-                math.prod(meta["shape"]) for key, meta in header.items() if key != "__metadata__"
-            )
-        except (OSError, ValueError, OverflowError, TypeError, KeyError, struct.error) as exc:
-            # A corrupt file is the loader's typed error, wherever it is first read.
-            from engine_core.errors import ModelLoadError
-
-            raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from None
-    return total
-
-
-def kv_budget_bytes(config: Any, model_cfg: Any) -> int:
-    """Per-rank KV bytes for ``mem_fraction_static``: fraction x device memory - weights. CPU
-    ranks share the host's memory (the remainder is split over them); each CUDA rank has a
-    device of its own and holds 1/tp of the weights."""
-    import torch
-
-    from engine_core.execution.model_runner import resolve_dtype
-
-    fraction = config.mem_fraction_static
-    elem = torch.empty(0, dtype=resolve_dtype(config, model_cfg)).element_size()
-    weights = checkpoint_numel(config.model_path) * elem
-    memory = available_memory_bytes(config.device)
-    tp = config.tp_size
-    if config.device == "cuda":
-        per_rank = int(fraction * memory - weights / tp)
-    else:
-        per_rank = int((fraction * memory - weights) / tp)
-    if per_rank <= 0:
-        where = "device memory" if config.device == "cuda" else "available RAM (MemAvailable)"
-        raise InvalidConfigError(
-            "mem_fraction_static",
-            fraction,
-            f"{fraction} x {memory} bytes of {where} leaves nothing for the KV cache after "
-            f"{weights} bytes of weights; raise it or give max_total_tokens",
-        )
-    return per_rank

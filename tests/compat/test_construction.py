@@ -12,7 +12,7 @@ import re
 import pytest
 from safetensors.torch import load_file
 
-from engine_core import Engine, EngineConfig, InvalidConfigError
+from engine_core import Engine, EngineConfig, InvalidConfigError, kv_budget
 from engine_core import sglang_args as sa
 from engine_core.execution.kv_cache import kv_bytes_per_page
 from engine_core.model_config import load_model_config
@@ -201,7 +201,7 @@ def test_mem_fraction_static_sizes_the_kv_cache_from_available_memory(tiny_model
     weights and KV), here with MemAvailable pinned so the test does not allocate the host."""
     weights = _weights_bytes(tiny_model)
     available = 4 * weights + (8 << 20)
-    monkeypatch.setattr(sa, "available_memory_bytes", lambda device: available)
+    monkeypatch.setattr(kv_budget, "available_memory_bytes", lambda device: available)
     with Engine(tiny_model, device="cpu", mem_fraction_static=0.5) as engine:
         kv = int(0.5 * available - weights)
         assert engine.config.kv_cache_memory_bytes == kv
@@ -214,14 +214,14 @@ def test_mem_fraction_static_sizes_the_kv_cache_from_available_memory(tiny_model
 
 
 def test_mem_fraction_static_yields_to_max_total_tokens(tiny_model, monkeypatch):
-    monkeypatch.setattr(sa, "available_memory_bytes", lambda device: 1 << 40)
+    monkeypatch.setattr(kv_budget, "available_memory_bytes", lambda device: 1 << 40)
     with Engine(tiny_model, device="cpu", mem_fraction_static=0.9, max_total_tokens=64) as engine:
         assert engine.pool.capacity_tokens == 64
 
 
 def test_mem_fraction_static_too_small_for_the_weights_is_rejected(tiny_model, monkeypatch):
     weights = _weights_bytes(tiny_model)
-    monkeypatch.setattr(sa, "available_memory_bytes", lambda device: weights)
+    monkeypatch.setattr(kv_budget, "available_memory_bytes", lambda device: weights)
     with pytest.raises(InvalidConfigError, match="mem_fraction_static.*weights"):
         Engine(tiny_model, device="cpu", mem_fraction_static=0.5)
 
@@ -230,11 +230,11 @@ def test_available_memory_on_cpu_is_mem_available():
     with open("/proc/meminfo") as f:
         line = next(line for line in f if line.startswith("MemAvailable:"))
     expected = int(line.split()[1]) * 1024
-    assert sa.available_memory_bytes("cpu") == pytest.approx(expected, rel=0.1)
+    assert kv_budget.available_memory_bytes("cpu") == pytest.approx(expected, rel=0.1)
 
 
 def test_checkpoint_numel_reads_the_headers(tiny_model):
-    assert sa.checkpoint_numel(tiny_model) * 4 == _weights_bytes(tiny_model)
+    assert kv_budget.checkpoint_numel(tiny_model) * 4 == _weights_bytes(tiny_model)
 
 
 def test_service_config_takes_sglang_names(tiny_model):

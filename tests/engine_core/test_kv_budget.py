@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_core import Engine, kv_budget  # noqa: F401
-from engine_core import sglang_args as sa
+from engine_core import Engine, kv_budget
 from engine_core.errors import InvalidConfigError
 from engine_core.execution.kv_cache import kv_bytes_per_page
 
@@ -19,7 +18,7 @@ def _per_token(mc) -> int:
 
 
 def _engine(tiny_model, monkeypatch, available: int, **kwargs) -> Engine:
-    monkeypatch.setattr(sa, "available_memory_bytes", lambda device: available)
+    monkeypatch.setattr(kv_budget, "available_memory_bytes", lambda device: available)
     return Engine(tiny_model, device="cpu", skip_tokenizer_init=True, **kwargs)
 
 
@@ -37,7 +36,7 @@ def _weights_bytes(tiny_model) -> int:
     """fp32 weights, twice where the CPU matmul keeps a packed copy (layers.packed_linear)."""
     from kernels import cpu_linear
 
-    return sa.checkpoint_numel(tiny_model) * 4 * (2 if cpu_linear.available() else 1)
+    return kv_budget.checkpoint_numel(tiny_model) * 4 * (2 if cpu_linear.available() else 1)
 
 
 def test_share_of_available_memory_minus_weights(tiny_model, monkeypatch):

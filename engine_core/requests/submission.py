@@ -1,0 +1,111 @@
+"""Hands built requests to the engine loop and waits for their outputs: the blocking, asyncio
+and streaming forms of ``Engine.generate``.
+
+Contract: every request id the factory handed out is released exactly once -- by the output
+builder when the final output is built, or here when a request fails before that (a
+refused submission, an error a sink reported, a cancelled await).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from engine_core.control.engine_memory import MemoryController
+from engine_core.errors import EngineStoppedError, InvalidRequestError
+from engine_core.requests.factory import RequestFactory
+from engine_core.requests.generate_request import GenerateRequest
+from engine_core.requests.outputs import BlockingSink, FutureSink, OutputBuilder, StreamSink
+from engine_core.requests.request import Request
+from engine_core.scheduling.loop import EngineLoop
+
+
+class Submission:
+    """The path from a ``GenerateRequest`` to its outputs, for one engine."""
+
+    def __init__(
+        self,
+        requests: RequestFactory,
+        outputs: OutputBuilder,
+        loop: EngineLoop,
+        memory: MemoryController,
+    ) -> None:
+        self.requests = requests
+        self.outputs = outputs
+        self.loop = loop
+        self.memory = memory
+
+    def generate(self, request: GenerateRequest):
+        """One output dict, a list for a batch, or (``stream``) an iterator of chunks."""
+        reqs, is_batch = self.requests.build(request)
+        if request.stream:
+            chunks: queue.SimpleQueue = queue.SimpleQueue()
+            self._submit_stream(reqs, is_batch, chunks.put)
+            return _stream(chunks, lambda: self.requests.release([reqs[0].rid]))
+        sinks = [BlockingSink(self.outputs.final) for _ in reqs]
+        self._submit(reqs, sinks)
+        for sink in sinks:
+            while not sink.done.wait(timeout=1.0):
+                if not self.loop.alive:
+                    raise EngineStoppedError("engine loop died; see the log for its error")
+        error = next((sink.error for sink in sinks if sink.error is not None), None)
+        if error is not None:
+            self.requests.release(r.rid for r in reqs)  # their outputs never got built
+            raise error
+        outputs = [sink.output for sink in sinks]
+        return outputs if is_batch or len(outputs) > 1 else outputs[0]
+
+    async def async_generate(self, request: GenerateRequest):
+        """``generate`` for asyncio callers; with ``stream`` an async iterator of chunks."""
+        reqs, is_batch = self.requests.build(request)
+        loop = asyncio.get_running_loop()
+        if request.stream:
+            chunks: asyncio.Queue = asyncio.Queue()
+            self._submit_stream(
+                reqs, is_batch, lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)
+            )
+            return _drain(chunks, lambda: self.requests.release([reqs[0].rid]))
+        sinks = [FutureSink(self.outputs.final, loop) for _ in reqs]
+        self._submit(reqs, sinks)
+        try:
+            outputs = list(await asyncio.gather(*(s.future for s in sinks)))
+        except BaseException:
+            self.requests.release(r.rid for r in reqs)  # their outputs never got built
+            raise
+        return outputs if is_batch or len(outputs) > 1 else outputs[0]
+
+    def _submit_stream(self, reqs: list[Request], is_batch: bool, push) -> None:
+        if is_batch or len(reqs) != 1:
+            self.requests.release(r.rid for r in reqs)
+            raise InvalidRequestError("stream", True, "streaming takes one prompt with n=1")
+        self._submit(reqs, [StreamSink(self.outputs.delta, push)])
+
+    def _submit(self, reqs: list[Request], sinks: list) -> None:
+        alive = self.loop.alive
+        error = self.memory.submit_error(self.loop.call) if alive else None
+        if not alive:
+            error = EngineStoppedError("engine is shut down")
+        if error is not None:
+            self.requests.release(r.rid for r in reqs)
+            raise error
+        self.loop.submit(reqs, sinks)
+
+
+def _stream(chunks: queue.SimpleQueue, release) -> Iterator[dict[str, Any]]:
+    """Chunks until the end marker; a failure the sink reported is raised (``release``
+    frees the request's id, whose final chunk never got built)."""
+    while (chunk := chunks.get()) is not None:
+        if isinstance(chunk, BaseException):
+            release()
+            raise chunk
+        yield chunk
+
+
+async def _drain(chunks: asyncio.Queue, release) -> AsyncIterator[dict[str, Any]]:
+    while (chunk := await chunks.get()) is not None:
+        if isinstance(chunk, BaseException):
+            release()
+            raise chunk
+        yield chunk
