@@ -14,7 +14,7 @@ from .attention import paged_attention, store_kv
 from .matmul import linear as batch_invariant_linear
 from .penalties import apply_penalties
 from .rmsnorm import rms_norm
-from .sampling import sample_tokens, seeded_uniform
+from .sampling import greedy_tokens, sample_tokens, seeded_uniform
 
 __all__ = [
     "HAS_TRITON",
@@ -24,5 +24,6 @@ __all__ = [
     "batch_invariant_linear",
     "seeded_uniform",
     "sample_tokens",
+    "greedy_tokens",
     "apply_penalties",
 ]

@@ -27,9 +27,16 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_sampling
 from ._triton import HAS_TRITON, cdiv, tl, triton, use_triton
 
-__all__ = ["seeded_uniform", "seeded_uniform_ref", "seeded_uniform_triton", "sample_tokens"]
+__all__ = [
+    "seeded_uniform",
+    "seeded_uniform_ref",
+    "seeded_uniform_triton",
+    "sample_tokens",
+    "greedy_tokens",
+]
 
 _M32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B
@@ -109,6 +116,8 @@ def seeded_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> 
     """Uniforms in (0, 1) for every (request, vocab index): float32 ``[B, vocab]``."""
     if use_triton(seeds):
         return seeded_uniform_triton(seeds, positions, vocab)
+    if seeds.device.type == "cpu" and cpu_sampling.available():
+        return cpu_sampling.seeded_uniform(seeds, positions, vocab)  # the same bits, in C
     return seeded_uniform_ref(seeds, positions, vocab)
 
 
@@ -137,6 +146,13 @@ def _keep_mask(
     return keep
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` (first maximum; a NaN wins), in C for fp32 CPU rows."""
+    if cpu_sampling.takes(logits):
+        return cpu_sampling.argmax_rows(logits)
+    return logits.argmax(-1)
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperatures: torch.Tensor,
@@ -148,12 +164,39 @@ def sample_tokens(
 ) -> torch.Tensor:
     """Sample one token per row of fp32 ``logits [B, V]``; returns int64 ``[B]``.
 
-    Vectorised over the batch (no per-row Python loop) and batch invariant: each row's token
-    depends only on its own logits, parameters, seed and position.  The uniforms come from
-    :func:`seeded_uniform` (Triton on CUDA); the filtering is torch on every device.
+    Batch invariant: each row's token depends only on its own logits, parameters, seed and
+    position. On CPU (fp32, C kernel built) rows without top-k / top-p are chosen in one pass
+    per row by ``cpu_sampling.sample_rows`` (same uniforms and formulas; its exp/log can break
+    a float-rounding tie the other way); every other row takes the torch formulation below,
+    whose uniforms come from :func:`seeded_uniform` (Triton on CUDA).
     """
-    bsz, vocab = logits.shape
     logits = logits.float()
+    if not cpu_sampling.takes(logits):
+        return _sample_torch(logits, temperatures, top_ks, top_ps, min_ps, seeds, positions)
+    out = cpu_sampling.sample_rows(logits, temperatures, min_ps, seeds, positions)
+    vocab = logits.shape[1]
+    k = top_ks.to(torch.int64)
+    filtered = (temperatures > 0) & (((k > 0) & (k < vocab)) | (top_ps < 1.0))
+    rows = filtered.nonzero().squeeze(1)
+    if rows.numel():  # top-k / top-p: the torch formulation (the C pass above is discarded)
+        out[rows] = _sample_torch(
+            logits[rows], temperatures[rows], top_ks[rows], top_ps[rows], min_ps[rows],
+            seeds[rows], positions[rows],
+        )  # fmt: skip
+    return out
+
+
+def _sample_torch(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_ks: torch.Tensor,
+    top_ps: torch.Tensor,
+    min_ps: torch.Tensor,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """The torch formulation on every device, vectorised over the batch (no per-row loop)."""
+    bsz, vocab = logits.shape
     greedy_tok = logits.argmax(-1)
     samp = (temperatures > 0).nonzero().squeeze(1)
     if samp.numel() == 0:

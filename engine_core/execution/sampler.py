@@ -102,12 +102,15 @@ def _long(values: list[int], dev: torch.device) -> torch.Tensor:
 def sample_tokens(logits: torch.Tensor, plan: StepPlan) -> list[int]:
     if not plan.samples:
         return []
-    dev = logits.device
-    rows = torch.tensor([s.logit_row for s in plan.samples], dtype=torch.long, device=dev)
-    sample_logits = logits.index_select(0, rows)
-    if all(s.temperature == 0.0 for s in plan.samples):
-        return sample_logits.argmax(dim=-1).tolist()
     import kernels
+
+    dev = logits.device
+    rows = [s.logit_row for s in plan.samples]
+    sample_logits = logits
+    if rows != list(range(logits.shape[0])):  # decode steps sample every row, in order
+        sample_logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))
+    if all(s.temperature == 0.0 for s in plan.samples):
+        return kernels.greedy_tokens(sample_logits).tolist()
 
     def col(name: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor([getattr(s, name) for s in plan.samples], dtype=dtype, device=dev)
