@@ -4,10 +4,11 @@ Workloads (SmolLM2-135M fp32, greedy, exactly ``--new-tokens`` new tokens, disti
 prompts): batch 1 and batch 32 of 96-token prompts, and GRPO: 8 prompts x n=8 of 256 tokens.
 Each system is timed after a warm-up; vLLM runs as a subprocess in its own venv
 (``../shared/peers/setup_vllm_cpu.sh``; skipped with a message when absent). Also reports our
-load-to-first-token time, peak RSS and, with ``--deterministic``, deterministic mode.
+load-to-first-token time, peak RSS and, with ``--deterministic``, deterministic mode; with
+``--sampled``, every workload again sampled at temperature 1.0 (what an RL rollout does).
 
     python benchmarks/bench_vs_vllm.py [--new-tokens 128] [--deterministic] [--bf16-weights]
-        [--int8-weights] [--rounds N] [--vllm-venv DIR]
+        [--int8-weights] [--sampled] [--rounds N] [--vllm-venv DIR]
 """
 
 from __future__ import annotations
@@ -33,23 +34,39 @@ def prompts(num: int, length: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(100, 40000) for _ in range(length)] for _ in range(num)]
 
 
-WORKLOAD_KEYS = ("batch 1", "batch 32", "GRPO 8x n8")
+GREEDY_KEYS = ("batch 1", "batch 32", "GRPO 8x n8")
+SAMPLED = " T=1"  # suffix of the sampled copies' names
+WORKLOAD_KEYS = GREEDY_KEYS + tuple(k + SAMPLED for k in GREEDY_KEYS)
 
 
-def workloads(new_tokens: int) -> list[dict]:
-    def work(name, batch, n):
-        return {"name": name, "prompts": batch, "n": n, "max_tokens": new_tokens, "temperature": 0}
+def workloads(new_tokens: int, sampled: bool = False) -> list[dict]:
+    """The greedy workloads; with ``sampled`` also their copies at temperature 1.0 (the RL
+    setting: GRPO draws its n samples at T=1)."""
 
-    return [
+    def work(name, batch, n, temperature=0.0):
+        return {
+            "name": name,
+            "prompts": batch,
+            "n": n,
+            "max_tokens": new_tokens,
+            "temperature": temperature,
+        }
+
+    greedy = [
         work("batch 1", prompts(1, 96, 1), 1),
         work("batch 32", prompts(32, 96, 32), 1),
         work("GRPO 8x n8", prompts(8, 256, 8), 8),
     ]
+    if not sampled:
+        return greedy
+    return greedy + [w | {"name": w["name"] + SAMPLED, "temperature": 1.0} for w in greedy]
 
 
 def expanded(work: dict) -> dict:
-    """The same rollout as ``n`` copies of each prompt with n=1: vLLM and HF refuse greedy
-    sampling with n > 1 (vLLM's prefix cache still prefills each prompt once)."""
+    """A greedy rollout with n > 1 as ``n`` copies of each prompt with n=1: vLLM and HF refuse
+    greedy sampling with n > 1 (vLLM's prefix cache still prefills each prompt once)."""
+    if work["temperature"] > 0:
+        return work
     prompts_n = [ids for ids in work["prompts"] for _ in range(work["n"])]
     return work | {"prompts": prompts_n, "n": 1}
 
@@ -61,7 +78,7 @@ def run_ours(path: str, works: list[dict], deterministic: bool, weight_dtype: st
         engine.generate(input_ids=[[11, 12, 13]], sampling_params={"max_new_tokens": 1})
         out: dict = {"load_s": time.perf_counter() - started}
         for work in works:
-            params = {"temperature": 0, "max_new_tokens": work["max_tokens"]}
+            params = {"temperature": work["temperature"], "max_new_tokens": work["max_tokens"]}
             params |= {"ignore_eos": True, "n": work["n"]}
             engine.flush_cache()
             begin = time.perf_counter()
@@ -88,6 +105,8 @@ def run_hf(path: str, works: list[dict]) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     out = {}
     for work in map(expanded, works):
+        if work["temperature"] > 0:
+            continue  # HF's sampled speed is its greedy speed; the baseline is timed greedy only
         ids = torch.tensor(work["prompts"])
         new = work["max_tokens"]
         begin = time.perf_counter()
@@ -115,11 +134,14 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=1, help="best of this many rounds")
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument(
+        "--sampled", action="store_true", help="also every workload sampled at temperature 1.0"
+    )
     parser.add_argument("--vllm-venv", default=None)
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     path = ensure_default_model()
-    works = workloads(args.new_tokens)
+    works = workloads(args.new_tokens, args.sampled)
     python = vllm_python(args.vllm_venv)
     note = ""
     if python is None:
@@ -177,15 +199,20 @@ def report(columns: dict[str, dict], works: list[dict], args, note: str, load_st
     rows = [head + "".join(f" | {h}" for h, _, _ in ratios) + " |"]
     rows.append("|---" * (len(names) + 1 + len(ratios)) + "|")
     for work in works:
-        cells = [f"{columns[n].get(work['name'], float('nan')):.1f}" for n in names]
+        key = work["name"]
+        cells = [f"{columns[n][key]:.1f}" if key in columns[n] else "-" for n in names]
         cells += [
-            f"{columns[a][work['name']] / columns[b][work['name']]:.2f}x" for _, a, b in ratios
+            f"{columns[a][key] / columns[b][key]:.2f}x"
+            if key in columns[a] and key in columns[b]
+            else "-"
+            for _, a, b in ratios
         ]
         rows.append(f"| {work['name']} | " + " | ".join(cells) + " |")
     ours = columns["rl-rollout Engine"]
     load = " / ".join(f"{n} {c['load_s']:.1f} s" for n, c in columns.items() if "load_s" in c)
     return (
-        f"{note}SmolLM2-135M fp32, greedy, exactly {args.new_tokens} new tokens, distinct "
+        f"{note}SmolLM2-135M fp32, greedy (and, rows marked T=1, sampled at temperature 1.0, "
+        f"top-p/top-k off), exactly {args.new_tokens} new tokens, distinct "
         "prompts (96 tokens; GRPO = 8 prompts x n=8 of 256), every system measured in this "
         f"run, one after the other, best of {args.rounds} round(s) per cell. "
         + load_note(load_start)

@@ -12,7 +12,10 @@ from rollout import deploy
 from rollout.partial import continuation
 
 PROMPTS = [[3 + i, 40 + 2 * i, 7, 90 + i] for i in range(4)]
-LONG = 200
+# The deadline cut must land while samples are in flight on any machine: 250 sequential decode
+# steps (the tiny model's context is 256) take far longer than DEADLINE_S anywhere.
+LONG = 250
+DEADLINE_S = 0.01
 
 
 def params(short: set[int]) -> list[dict]:
@@ -54,7 +57,7 @@ def test_deadline_cut_then_resumed_equals_uninterrupted(service):
     driver = service.driver
     cut = ray.get(
         driver.generate_partial.remote(
-            PROMPTS, sp, return_logprob=True, logprob_start_len=0, deadline_s=0.2
+            PROMPTS, sp, return_logprob=True, logprob_start_len=0, deadline_s=DEADLINE_S
         )
     )
     assert cut["partial_groups"] >= 1 and len(cut["groups"]) == len(PROMPTS)
