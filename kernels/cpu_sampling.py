@@ -85,10 +85,12 @@ def sample_rows(
     mins = _column(min_ps, torch.float32)
     seeds64, pos64 = _column(seeds, torch.int64), _column(positions, torch.int64)
     out = torch.empty(rows, dtype=torch.int64)
-    _library().sample_rows_f32(
+    failed = _library().sample_rows_f32(
         logits.data_ptr(), temps.data_ptr(), mins.data_ptr(), seeds64.data_ptr(),
         pos64.data_ptr(), out.data_ptr(), rows, vocab,
     )  # fmt: skip
+    if failed:  # a thread could not get its scratch row
+        raise MemoryError(f"sample_rows: no memory for a {vocab}-float scratch row")
     return out
 
 

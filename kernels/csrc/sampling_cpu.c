@@ -21,6 +21,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define MUL 0x45D9F3Bu
 #define PARALLEL_MIN_ROWS 2
@@ -199,55 +200,63 @@ static int64_t argmax_row(const float *x, int64_t V) {
 }
 
 /* ------------------------------------------------------------------ one sampled row */
-static float row_max_scaled(const float *x, int64_t V, float T) {
+/* z = x / T (the division torch's `logits / T` does) and the largest z. */
+static float scale_and_max(const float *x, float *z, int64_t V, float T) {
     const __m256 t = _mm256_set1_ps(T);
     __m256 m = _mm256_set1_ps(-INFINITY);
     int64_t i = 0;
-    for (; i + 8 <= V; i += 8) m = _mm256_max_ps(m, _mm256_div_ps(_mm256_loadu_ps(x + i), t));
+    for (; i + 8 <= V; i += 8) {
+        const __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + i), t);
+        _mm256_storeu_ps(z + i, v);
+        m = _mm256_max_ps(m, v);
+    }
     float lane[8], best = -INFINITY;
     _mm256_storeu_ps(lane, m);
     for (int j = 0; j < 8; j++) best = lane[j] > best ? lane[j] : best;
-    for (; i < V; i++) best = x[i] / T > best ? x[i] / T : best;
+    for (; i < V; i++) {
+        z[i] = x[i] / T;
+        best = z[i] > best ? z[i] : best;
+    }
     return best;
 }
 
-/* sum of exp(x / T - mx): 8-lane partial sums in index order, then lanes 0..7 in order, then
- * the tail in order. */
-static float row_sum_exp(const float *x, int64_t V, float T, float mx) {
-    const __m256 t = _mm256_set1_ps(T), m = _mm256_set1_ps(mx);
+/* sum of exp(z - mx): 8-lane partial sums in index order, then lanes 0..7 in order, then the
+ * tail in order. */
+static float sum_exp(const float *z, int64_t V, float mx) {
+    const __m256 m = _mm256_set1_ps(mx);
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= V; i += 8)
-        acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), t), m)));
+    for (; i + 8 <= V; i += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(z + i), m)));
     float lane[8], sum = 0.0f;
     _mm256_storeu_ps(lane, acc);
     for (int j = 0; j < 8; j++) sum += lane[j];
-    for (; i < V; i++) sum += exp1(x[i] / T - mx);
+    for (; i < V; i++) sum += exp1(z[i] - mx);
     return sum;
 }
 
 typedef struct {
-    float T, c, floor_p; /* temperature, max + log(sum), min_p * the largest probability */
+    float c, floor_p; /* max + log(sum), min_p * the largest probability */
     int filter;          /* min-p on */
     Keys keys;
 } Row;
 
 /* One token's score, the same operations as a lane of the vector loop (so the same bits). */
-static inline float score1(const float *x, int64_t i, const Row *p) {
-    const float logp = x[i] / p->T - p->c;
+static inline float score1(const float *z, int64_t i, const Row *p) {
+    const float logp = z[i] - p->c;
     const float score = logp - log1(0.0f - log1(uniform1(p->keys, i)));
     return p->filter && !(exp1(logp) >= p->floor_p) ? -INFINITY : score;
 }
 
-static int64_t sample_row(const float *x, int64_t V, float T, float min_p, Keys keys) {
-    const float mx = row_max_scaled(x, V, T);
-    const float c = mx + log1(row_sum_exp(x, V, T, mx));
-    const Row p = {T, c, min_p * exp1(mx - c), min_p > 0.0f, keys};
-    const __m256 t = _mm256_set1_ps(T), cv = _mm256_set1_ps(c), fv = _mm256_set1_ps(p.floor_p);
+/* `z` is scratch for V floats. */
+static int64_t sample_row(const float *x, float *z, int64_t V, float T, float min_p, Keys keys) {
+    const float mx = scale_and_max(x, z, V, T);
+    const float c = mx + log1(sum_exp(z, V, mx));
+    const Row p = {c, min_p * exp1(mx - c), min_p > 0.0f, keys};
+    const __m256 cv = _mm256_set1_ps(c), fv = _mm256_set1_ps(p.floor_p);
     Argmax8 a = argmax8_start();
     int64_t i = 0;
     for (; i + 8 <= V; i += 8) {
-        const __m256 logp = _mm256_sub_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), t), cv);
+        const __m256 logp = _mm256_sub_ps(_mm256_loadu_ps(z + i), cv);
         const __m256 noise = log8(_mm256_sub_ps(_mm256_setzero_ps(), log8(uniform8(keys, i))));
         __m256 score = _mm256_sub_ps(logp, noise);
         if (p.filter) {
@@ -260,14 +269,14 @@ static int64_t sample_row(const float *x, int64_t V, float T, float min_p, Keys 
     int64_t tail_at = -1;
     int nan = 0;
     for (; i < V; i++) {
-        const float score = score1(x, i, &p);
+        const float score = score1(z, i, &p);
         nan |= score != score;
         if (score > tail_best) tail_best = score, tail_at = i;
     }
     const int64_t where = nan ? -1 : argmax8_finish(&a, tail_best, tail_at);
     if (where >= 0) return where;
     for (i = 0; i < V; i++) { /* a NaN score wins, the first one (as torch.argmax) */
-        const float score = score1(x, i, &p);
+        const float score = score1(z, i, &p);
         if (score != score) return i;
     }
     return 0;
@@ -279,14 +288,26 @@ static int64_t sample_row(const float *x, int64_t V, float T, float min_p, Keys 
 int sample_rows_f32(const float *logits, const float *temperatures, const float *min_ps,
                     const int64_t *seeds, const int64_t *positions, int64_t *out, int64_t rows,
                     int64_t V) {
-#pragma omp parallel for schedule(static) if (rows >= PARALLEL_MIN_ROWS)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *x = logits + r * V;
-        const float T = temperatures[r];
-        out[r] = T > 0.0f ? sample_row(x, V, T, min_ps[r], row_keys(seeds[r], positions[r]))
-                          : argmax_row(x, V);
+    int failed = 0;
+#pragma omp parallel if (rows >= PARALLEL_MIN_ROWS)
+    {
+        float *z = malloc((size_t)V * sizeof(float)); /* this thread's x / T */
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *x = logits + r * V;
+            const float T = temperatures[r];
+            if (!(T > 0.0f))
+                out[r] = argmax_row(x, V);
+            else if (z)
+                out[r] = sample_row(x, z, V, T, min_ps[r], row_keys(seeds[r], positions[r]));
+            else {
+#pragma omp atomic write
+                failed = 1;
+            }
+        }
+        free(z);
     }
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* out[r] = the first maximum of row r (a NaN wins), as torch.argmax. */
