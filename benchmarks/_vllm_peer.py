@@ -35,7 +35,8 @@ def main() -> None:
             max_tokens=work["max_tokens"],
             temperature=work["temperature"],
             ignore_eos=True,
-            seed=0,
+            # no per-request seed: vLLM-CPU's seeded sampler fails ("CPU Generator does not
+            # use offset"); the engine's own seed (above) makes runs repeat
         )
         prompts = [{"prompt_token_ids": ids} for ids in work["prompts"]]
         if job["prefix_caching"]:
