@@ -1,7 +1,7 @@
-"""Build-and-load for the C kernels in ``csrc/``: each source is compiled once per
-source/flags/machine into a user cache directory with the system C compiler (``cc``) and loaded
-through ctypes. No compiler, or a CPU the source cannot target (e.g. no AVX2/FMA): ``load``
-returns None and callers use their torch path."""
+"""Build-and-load for the C kernels in ``csrc/``: each source is compiled once per source
+(with the headers of ``csrc/``), flags and machine into a user cache directory with the
+system C compiler (``cc``) and loaded through ctypes. No compiler, or a CPU the source cannot
+target (e.g. no AVX2/FMA): ``load`` returns None and callers use their torch path."""
 
 from __future__ import annotations
 
@@ -36,6 +36,17 @@ def _cpu_identity() -> bytes:
     return b"\n".join(sorted({ln for ln in lines if ln.split(b":")[0].strip() in wanted}))
 
 
+def _sources(source: str) -> bytes:
+    """The source and every header of ``csrc/`` (a source may include any of them), so that
+    editing a header rebuilds what includes it."""
+    headers = sorted(f for f in os.listdir(CSRC) if f.endswith(".h"))
+    parts = []
+    for path in [source, *(os.path.join(CSRC, h) for h in headers)]:
+        with open(path, "rb") as f:
+            parts.append(f.read())
+    return b"\0".join(parts)
+
+
 def _build(source: str, target: str, flags: list[str]) -> None:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -61,10 +72,8 @@ def load(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     ``extra_flags`` are added to ``FLAGS`` for this source (e.g. ``-ffp-contract=off``)."""
     source = os.path.join(CSRC, f"{name}.c")
     flags = [*FLAGS, *extra_flags]
-    with open(source, "rb") as f:
-        key = hashlib.sha256(
-            f.read() + " ".join(flags).encode() + platform.machine().encode() + _cpu_identity()
-        )
+    key = hashlib.sha256(_sources(source) + " ".join(flags).encode())
+    key.update(platform.machine().encode() + _cpu_identity())
     target = os.path.join(_cache_dir(), f"{name}_{key.hexdigest()[:16]}.so")
     try:
         if not os.path.exists(target):

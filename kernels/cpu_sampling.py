@@ -1,15 +1,15 @@
 """Token choice for fp32 logits on CPU in C (``csrc/sampling_cpu.c``): greedy argmax and
-seeded sampling with temperature and min-p, one pass per row.
+seeded sampling with temperature, top-k, top-p and min-p, a few passes per row.
 
 Contracts (``tests/kernels/test_cpu_sampling.py``):
 
 - ``argmax_rows(logits)`` is ``logits.argmax(-1)`` exactly (first maximum; a NaN wins);
 - ``seeded_uniform(seeds, positions, vocab)`` is ``kernels.sampling.seeded_uniform_ref``
   bit for bit;
-- ``sample_rows(...)`` follows ``kernels.sampling.sample_tokens``'s semantics for rows whose
-  top-k and top-p are off (the caller routes the others to torch): the same uniforms and the
-  same formulas, with this file's exp/log polynomials, so a token can differ from the torch
-  path's only where two perturbed scores tie to float rounding.
+- ``sample_rows(...)`` follows ``kernels.sampling``'s torch formulation: the same uniforms and
+  formulas, with the C file's exp/log polynomials and top-p masses summed in double, so a
+  token can differ from the torch path's only where float rounding decides (two perturbed
+  scores, or a top-p boundary, within rounding of each other).
 
 Each row is computed alone, so results are batch invariant. ``available()`` is False where
 the C file cannot be built (no compiler, no AVX2/FMA); callers keep torch.
@@ -26,7 +26,7 @@ from kernels._cbuild import load
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "sample_rows_f32": [_P, _P, _P, _P, _P, _P, _I, _I],
+    "sample_rows_f32": [_P, _P, _P, _P, _P, _P, _P, _P, _I, _I],
     "argmax_rows_f32": [_P, _P, _I, _I],
     "seeded_uniform_f32": [_P, _P, _P, _I, _I],
 }
@@ -74,23 +74,29 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 def sample_rows(
     logits: torch.Tensor,
     temperatures: torch.Tensor,
+    top_ks: torch.Tensor,
+    top_ps: torch.Tensor,
     min_ps: torch.Tensor,
     seeds: torch.Tensor,
     positions: torch.Tensor,
 ) -> torch.Tensor:
     """int64 ``[rows]``: greedy where the temperature is <= 0, else sampled with the row's
-    temperature, min-p, seed and position (top-k and top-p off)."""
+    temperature, top-k, top-p, min-p, seed and position (``takes(logits)`` must hold)."""
     rows, vocab = logits.shape
-    temps = _column(temperatures, torch.float32)
-    mins = _column(min_ps, torch.float32)
-    seeds64, pos64 = _column(seeds, torch.int64), _column(positions, torch.int64)
+    cols = [
+        _column(temperatures, torch.float32),
+        _column(top_ks, torch.int64),
+        _column(top_ps, torch.float32),
+        _column(min_ps, torch.float32),
+        _column(seeds, torch.int64),
+        _column(positions, torch.int64),
+    ]
     out = torch.empty(rows, dtype=torch.int64)
     failed = _library().sample_rows_f32(
-        logits.data_ptr(), temps.data_ptr(), mins.data_ptr(), seeds64.data_ptr(),
-        pos64.data_ptr(), out.data_ptr(), rows, vocab,
-    )  # fmt: skip
-    if failed:  # a thread could not get its scratch row
-        raise MemoryError(f"sample_rows: no memory for a {vocab}-float scratch row")
+        logits.data_ptr(), *(c.data_ptr() for c in cols), out.data_ptr(), rows, vocab
+    )
+    if failed:  # a thread could not get its scratch rows
+        raise MemoryError(f"sample_rows: no memory for scratch rows of {vocab} tokens")
     return out
 
 

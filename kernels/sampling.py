@@ -165,25 +165,17 @@ def sample_tokens(
     """Sample one token per row of fp32 ``logits [B, V]``; returns int64 ``[B]``.
 
     Batch invariant: each row's token depends only on its own logits, parameters, seed and
-    position. On CPU (fp32, C kernel built) rows without top-k / top-p are chosen in one pass
-    per row by ``cpu_sampling.sample_rows`` (same uniforms and formulas; its exp/log can break
-    a float-rounding tie the other way); every other row takes the torch formulation below,
-    whose uniforms come from :func:`seeded_uniform` (Triton on CUDA).
+    position. On CPU (fp32, C kernel built) every row is chosen by ``cpu_sampling.sample_rows``
+    (the same uniforms and formulas; its exp/log and double top-p sums can break a
+    float-rounding tie the other way); elsewhere by the torch formulation below, whose
+    uniforms come from :func:`seeded_uniform` (Triton on CUDA).
     """
     logits = logits.float()
-    if not cpu_sampling.takes(logits):
-        return _sample_torch(logits, temperatures, top_ks, top_ps, min_ps, seeds, positions)
-    out = cpu_sampling.sample_rows(logits, temperatures, min_ps, seeds, positions)
-    vocab = logits.shape[1]
-    k = top_ks.to(torch.int64)
-    filtered = (temperatures > 0) & (((k > 0) & (k < vocab)) | (top_ps < 1.0))
-    rows = filtered.nonzero().squeeze(1)
-    if rows.numel():  # top-k / top-p: the torch formulation (the C pass above is discarded)
-        out[rows] = _sample_torch(
-            logits[rows], temperatures[rows], top_ks[rows], top_ps[rows], min_ps[rows],
-            seeds[rows], positions[rows],
-        )  # fmt: skip
-    return out
+    if cpu_sampling.takes(logits):
+        return cpu_sampling.sample_rows(
+            logits, temperatures, top_ks, top_ps, min_ps, seeds, positions
+        )
+    return _sample_torch(logits, temperatures, top_ks, top_ps, min_ps, seeds, positions)
 
 
 def _sample_torch(

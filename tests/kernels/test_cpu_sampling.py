@@ -1,7 +1,7 @@
 """The C token choice (``kernels/cpu_sampling.py``) against the torch formulation
 (``kernels/sampling.py``): the same uniforms bit for bit, torch.argmax exactly, and sampled
-tokens that differ only at float-rounding ties; rows are batch invariant and the samples
-follow softmax(logits / T) restricted by min-p."""
+tokens that differ only where float rounding decides; rows are batch invariant and the
+samples follow softmax(logits / T) restricted by top-k, top-p and min-p."""
 
 from __future__ import annotations
 
@@ -50,6 +50,13 @@ def test_argmax_ties_go_to_the_lowest_index(vocab):
     assert torch.equal(cpu_sampling.argmax_rows(logits), logits.argmax(-1))
 
 
+def _plain(logits, temps, min_ps, seeds, positions) -> torch.Tensor:
+    """sample_rows with top-k and top-p off."""
+    rows = logits.shape[0]
+    off_k, off_p = torch.full((rows,), -1), torch.ones(rows)
+    return cpu_sampling.sample_rows(logits, temps, off_k, off_p, min_ps, seeds, positions)
+
+
 def _reference_gap(logits, temps, min_ps, seeds, positions) -> torch.Tensor:
     """Per row, the float64 gap between the best and second-best kept perturbed scores."""
     u = seeded_uniform_ref(seeds, positions, logits.shape[1]).double()
@@ -79,7 +86,7 @@ def test_sampled_tokens_match_the_torch_formulation(vocab):
     logits, temps, min_ps, seeds, positions = _batch(256, vocab, vocab)
     off_k, off_p = torch.full((256,), -1), torch.ones(256)
     want = _sample_torch(logits, temps, off_k, off_p, min_ps, seeds, positions)
-    got = cpu_sampling.sample_rows(logits, temps, min_ps, seeds, positions)
+    got = _plain(logits, temps, min_ps, seeds, positions)
     differ = (got != want).nonzero().squeeze(1)
     gaps = _reference_gap(logits, temps, min_ps, seeds, positions)
     # exp/log a few ulp apart can only reorder scores that tie to rounding
@@ -90,12 +97,12 @@ def test_sampled_tokens_match_the_torch_formulation(vocab):
 def test_rows_are_batch_invariant():
     logits, temps, min_ps, seeds, positions = _batch(24, 5003, 1)
     temps[::4] = 0.0  # greedy rows among sampled ones
-    batch = cpu_sampling.sample_rows(logits, temps, min_ps, seeds, positions)
+    top_ks = torch.tensor([-1, 7, -1, 300] * 6)
+    top_ps = torch.tensor([1.0, 1.0, 0.8, 0.95] * 6)
+    cols = (temps, top_ks, top_ps, min_ps, seeds, positions)
+    batch = cpu_sampling.sample_rows(logits, *cols)
     for r in range(24):
-        alone = cpu_sampling.sample_rows(
-            logits[r : r + 1], temps[r : r + 1], min_ps[r : r + 1], seeds[r : r + 1],
-            positions[r : r + 1],
-        )  # fmt: skip
+        alone = cpu_sampling.sample_rows(logits[r : r + 1], *(c[r : r + 1] for c in cols))
         assert alone.item() == batch[r].item()
     assert torch.equal(batch[::4], logits[::4].argmax(-1))
 
@@ -105,7 +112,7 @@ def test_samples_follow_the_softmax():
     n, temperature = 40_000, 0.8
     row = torch.tensor([1.0, 0.5, -0.3, 2.0, 0.0, -3.0])
     logits = row.repeat(n, 1).contiguous()
-    tokens = cpu_sampling.sample_rows(
+    tokens = _plain(
         logits, torch.full((n,), temperature), torch.zeros(n), torch.full((n,), 42),
         torch.arange(n),
     )  # fmt: skip
@@ -120,7 +127,7 @@ def test_min_p_keeps_only_likely_tokens():
     row = torch.tensor([2.0, 1.5, 0.9, 0.1, -1.0, 1.9])
     probs = torch.softmax(row.double(), -1)
     allowed = set((probs >= min_p * probs.max()).nonzero().squeeze(1).tolist())
-    tokens = cpu_sampling.sample_rows(
+    tokens = _plain(
         row.repeat(n, 1).contiguous(), torch.ones(n), torch.full((n,), min_p),
         torch.full((n,), 7), torch.arange(n),
     )  # fmt: skip
@@ -135,19 +142,73 @@ def test_special_values_give_an_index_in_range():
     logits[2, 9] = math.inf
     logits[3] = -math.inf
     ones = torch.ones(5)
-    tokens = cpu_sampling.sample_rows(logits, ones, torch.zeros(5), torch.arange(5), ones.long())
-    assert all(0 <= t < vocab for t in tokens.tolist())
-    assert tokens[0] >= 30
+    for k, p in ((-1, 1.0), (3, 1.0), (-1, 0.9)):
+        ks, ps = torch.full((5,), k), torch.full((5,), p)
+        tokens = cpu_sampling.sample_rows(
+            logits, ones, ks, ps, torch.zeros(5), torch.arange(5), ones.long()
+        )
+        assert all(0 <= t < vocab for t in tokens.tolist())
+        assert tokens[0] >= 30
 
 
-def test_sample_tokens_routes_top_k_and_top_p_rows_to_torch():
+def _kept_with_slack(row, temperature, k, p, min_p, slack=1e-5) -> set[int]:
+    """Tokens the float64 formulation keeps, counting a top-p boundary within ``slack``."""
+    probs = torch.softmax(row.double() / temperature, -1)
+    order = torch.argsort(-probs, stable=True)  # descending, ties to the lower id
+    if 0 < k < len(probs):
+        order = order[:k]
+    sorted_probs = probs[order]
+    before = (sorted_probs.cumsum(0) - sorted_probs) / sorted_probs.sum()
+    if p < 1.0:
+        keep = before < p + slack
+        keep[0] = True
+        order = order[keep]
+    kept = order[probs[order] >= min_p * probs.max() * (1 - slack)] if min_p > 0 else order
+    return set(kept.tolist())
+
+
+@pytest.mark.parametrize("vocab", [5, 64, 1001, 32003])
+def test_top_k_top_p_tokens_match_the_torch_formulation(vocab):
+    logits, temps, min_ps, seeds, positions = _batch(128, vocab, 7 + vocab)
+    g = torch.Generator().manual_seed(vocab)
+    top_ks = torch.where(torch.rand(128, generator=g) < 0.5, torch.randint(1, 60, (128,)), -1)
+    top_ps = torch.where(torch.rand(128, generator=g) < 0.6, torch.rand(128, generator=g), 1.0)
+    cols = (temps, top_ks, top_ps, min_ps, seeds, positions)
+    got = cpu_sampling.sample_rows(logits, *cols)
+    want = _sample_torch(logits, *cols)
+    for r in range(128):  # every token is one the formulation keeps
+        args = (temps[r].item(), top_ks[r].item(), top_ps[r].item(), min_ps[r].item())
+        assert got[r].item() in _kept_with_slack(logits[r], *args), r
+    assert (got != want).sum() <= 2  # only where float rounding decides
+
+
+ROW = torch.tensor([2.0, 1.2, 0.3, -0.5, -1.0, 1.9])
+# ROW's probabilities: 0.375, 0.168, 0.068, 0.031, 0.019, 0.339 -> rank order 0, 5, 1, 2, 3, 4;
+# (3, 0.8) keeps two only because top-p renormalizes over top-k's mass (0.714 / 0.882)
+NUCLEI = [(3, 1.0, [0, 1, 5]), (-1, 0.6, [0, 5]), (4, 0.85, [0, 1, 5]), (3, 0.8, [0, 5])]
+
+
+@pytest.mark.parametrize("k, p, kept", NUCLEI)
+def test_top_k_and_top_p_follow_the_renormalized_softmax(k, p, kept):
+    """20 000 positions of one row: only the kept tokens, each at its renormalized probability."""
+    n = 20_000
+    row = ROW
+    tokens = cpu_sampling.sample_rows(
+        row.repeat(n, 1).contiguous(), torch.ones(n), torch.full((n,), k), torch.full((n,), p),
+        torch.zeros(n), torch.full((n,), 11), torch.arange(n),
+    )  # fmt: skip
+    probs = torch.softmax(row.double(), -1)
+    target = torch.zeros(6, dtype=torch.float64)
+    target[kept] = probs[kept] / probs[kept].sum()
+    freq = torch.bincount(tokens, minlength=6).double() / n
+    sigma = (target * (1 - target) / n).sqrt()
+    assert ((freq - target).abs() <= 5 * sigma + 1e-12).all(), (freq, target)
+
+
+def test_sample_tokens_on_cpu_is_the_c_kernel():
     logits, temps, min_ps, seeds, positions = _batch(12, 2001, 3)
     top_ks = torch.tensor([-1, 5, -1, 2001, 40, -1] * 2)
     top_ps = torch.tensor([1.0, 1.0, 0.9, 1.0, 0.5, 1.0] * 2)
     temps[5] = 0.0
-    got = sample_tokens(logits, temps, top_ks, top_ps, min_ps, seeds, positions)
-    filtered = torch.tensor([False, True, True, False, True, False] * 2)
-    want_torch = _sample_torch(logits, temps, top_ks, top_ps, min_ps, seeds, positions)
-    want_c = cpu_sampling.sample_rows(logits, temps, min_ps, seeds, positions)
-    assert torch.equal(got[filtered], want_torch[filtered])
-    assert torch.equal(got[~filtered], want_c[~filtered])
+    cols = (temps, top_ks, top_ps, min_ps, seeds, positions)
+    assert torch.equal(sample_tokens(logits, *cols), cpu_sampling.sample_rows(logits, *cols))
