@@ -18,10 +18,10 @@
  * The uniforms are bit for bit the torch reference's; exp and log are sampling_math.h's
  * polynomials (a few ulp from libm's) and top-p's masses are summed in double, so a token can
  * differ from the torch path's only where float rounding decides: two perturbed scores, or a
- * top-p boundary, within rounding of each other. Top-k / top-p never sort the vocabulary: a
- * selection brings the candidates forward and only those are sorted.
+ * top-p boundary, within rounding of each other. Top-k / top-p never sort: a quickselect
+ * finds top-k's set, one weighted by mass top-p's, and the kept tokens are scored one by one
+ * when few, in one vector pass over the vocabulary when many.
  */
-#define _GNU_SOURCE /* qsort_r */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -126,61 +126,95 @@ static inline int ranks_before(const float *prob, int32_t a, int32_t b) {
     return prob[a] > prob[b] || (prob[a] == prob[b] && a < b);
 }
 
-static int by_rank(const void *a, const void *b, void *prob) {
-    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    return ranks_before(prob, x, y) ? -1 : ranks_before(prob, y, x) ? 1 : 0;
+static inline int median_of_three(const float *prob, int32_t a, int32_t b, int32_t c) {
+    if (ranks_before(prob, a, b) == ranks_before(prob, b, c)) return b;
+    return ranks_before(prob, a, b) == ranks_before(prob, a, c) ? c : a;
 }
 
-/* Reorders order[0..n) so that its first m entries are the m best-ranked (in any order):
- * quickselect with a median-of-three pivot. */
+static inline void swap_ids(int32_t *order, int64_t i, int64_t j) {
+    const int32_t t = order[i];
+    order[i] = order[j];
+    order[j] = t;
+}
+
+/* Lomuto partition of order[lo..hi] around a median-of-three pivot: the tokens ranking
+ * before it first, then it; returns its position and (in *before) their mass. */
+static int64_t partition(const float *prob, int32_t *order, int64_t lo, int64_t hi,
+                         double *before) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const int32_t pivot = median_of_three(prob, order[lo], order[mid], order[hi]);
+    swap_ids(order, pivot == order[lo] ? lo : pivot == order[mid] ? mid : hi, hi);
+    int64_t q = lo;
+    double mass = 0.0;
+    for (int64_t i = lo; i < hi; i++)
+        if (ranks_before(prob, order[i], pivot)) {
+            mass += prob[order[i]];
+            swap_ids(order, i, q++);
+        }
+    swap_ids(order, q, hi);
+    *before = mass;
+    return q;
+}
+
+/* Reorders order[0..n) so that its first m entries are the m best-ranked (quickselect). */
 static void select_best(const float *prob, int32_t *order, int64_t n, int64_t m) {
     int64_t lo = 0, hi = n - 1;
+    double unused;
     while (lo < hi) {
-        const int64_t mid = lo + (hi - lo) / 2;
-        int32_t a = order[lo], b = order[mid], c = order[hi], pivot = b;
-        if (ranks_before(prob, a, b) != ranks_before(prob, b, c)) /* b is not the median */
-            pivot = ranks_before(prob, a, b) == ranks_before(prob, a, c) ? c : a;
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (ranks_before(prob, order[i], pivot)) i++;
-            while (ranks_before(prob, pivot, order[j])) j--;
-            if (i <= j) {
-                const int32_t t = order[i];
-                order[i++] = order[j];
-                order[j--] = t;
-            }
-        }
-        if (m - 1 <= j)
-            hi = j;
-        else if (m - 1 >= i)
-            lo = i;
+        const int64_t q = partition(prob, order, lo, hi, &unused);
+        if (q == m - 1) return;
+        if (q > m - 1)
+            hi = q - 1;
         else
-            return;
+            lo = q + 1;
     }
 }
 
-/* How many of the best-ranked tokens top-k / top-p keep; order[0..kept) holds them, sorted. */
+/* How many of order[0..n) top-p keeps, brought to its front: a token is kept while the
+ * mass ranked before it is below `target`, so the kept tokens are those up to the one at
+ * which the cumulative mass in rank order first reaches it (all of them if it never does).
+ * A quickselect weighted by mass: each partition tells on which side that token lies. */
+static int64_t mass_cutoff(const float *prob, int32_t *order, int64_t n, double target) {
+    int64_t lo = 0, hi = n - 1;
+    double reached = 0.0; /* mass of order[0..lo), all ranking before order[lo..hi] */
+    while (lo < hi) {
+        double before;
+        const int64_t q = partition(prob, order, lo, hi, &before);
+        if (reached + before >= target)
+            hi = q - 1;
+        else if (reached + before + prob[order[q]] >= target)
+            return q + 1;
+        else {
+            reached += before + prob[order[q]];
+            lo = q + 1;
+        }
+    }
+    return lo + 1;
+}
+
+/* How many tokens top-k / top-p keep, brought to the front of `order` (in no rank order). */
 static int64_t nucleus(const float *prob, int32_t *order, int64_t V, int64_t k, float top_p) {
     const int64_t limit = k > 0 && k < V ? k : V;
     for (int64_t i = 0; i < V; i++) order[i] = (int32_t)i;
-    double total = 0.0; /* the mass top-p renormalizes by: what top-k kept */
-    if (limit < V) {
-        select_best(prob, order, V, limit);
-        for (int64_t i = 0; i < limit; i++) total += prob[order[i]];
-    } else {
-        for (int64_t i = 0; i < V; i++) total += prob[i];
-    }
+    if (limit < V) select_best(prob, order, V, limit);
     if (!(top_p < 1.0f)) return limit;
-    for (int64_t m = limit < 256 ? limit : 256;; m = m * 4 < limit ? m * 4 : limit) {
-        select_best(prob, order, limit, m);
-        qsort_r(order, (size_t)m, sizeof(int32_t), by_rank, (void *)prob);
-        double before = 0.0;
-        for (int64_t j = 0; j < m; j++) {
-            if (j > 0 && !(before / total < (double)top_p)) return j;
-            before += prob[order[j]];
-        }
-        if (m == limit) return limit;
+    double total = 0.0; /* the mass top-p renormalizes by: what top-k kept */
+    for (int64_t i = 0; i < limit; i++) total += prob[order[i]];
+    return mass_cutoff(prob, order, limit, (double)top_p * total);
+}
+
+/* The first maximum of the kept tokens' scores when few are kept: scored one by one. */
+static int64_t score_kept(const Scratch *s, int64_t kept, float c, float floor_p, Keys keys) {
+    int64_t best = -1;
+    float best_score = -INFINITY;
+    for (int64_t j = 0; j < kept; j++) {
+        const int32_t t = s->order[j];
+        if (!(s->prob[t] >= floor_p)) continue;
+        const float logp = s->z[t] - c;
+        const float score = logp - log1(0.0f - log1(uniform1(keys, t)));
+        if (score > best_score || (score == best_score && t < best)) best_score = score, best = t;
     }
+    return best < 0 ? 0 : best; /* nothing kept (min_p > 1): every score -inf, torch gives 0 */
 }
 
 static int64_t filtered_row(const float *x, const Scratch *s, int64_t V, float T, int64_t k,
@@ -194,17 +228,42 @@ static int64_t filtered_row(const float *x, const Scratch *s, int64_t V, float T
         _mm256_storeu_ps(s->prob + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(s->z + i), cv)));
     for (; i < V; i++) s->prob[i] = exp1(s->z[i] - c);
     const int64_t kept = nucleus(s->prob, s->order, V, k, top_p);
-    const float floor_p = min_p * exp1(mx - c);
-    int64_t best = -1;
-    float best_score = -INFINITY;
-    for (int64_t j = 0; j < kept; j++) {
-        const int32_t t = s->order[j];
-        if (min_p > 0.0f && !(s->prob[t] >= floor_p)) continue;
-        const float logp = s->z[t] - c;
-        const float score = logp - log1(0.0f - log1(uniform1(keys, t)));
-        if (score > best_score || (score == best_score && t < best)) best_score = score, best = t;
+    const float floor_p = min_p > 0.0f ? min_p * exp1(mx - c) : 0.0f; /* min-p's bar */
+    if (kept <= V / 16) return score_kept(s, kept, c, floor_p, keys);
+    /* Many kept: one vector pass over the vocabulary. A token is kept when it ranks before
+     * the last kept one or is it (probability above, or equal with an id not above). */
+    int32_t last = s->order[0];
+    for (int64_t j = 1; j < kept; j++)
+        if (ranks_before(s->prob, last, s->order[j])) last = s->order[j];
+    const float edge = s->prob[last];
+    const __m256 ev = _mm256_set1_ps(edge), fv = _mm256_set1_ps(floor_p);
+    Argmax8 a = argmax8_start();
+    for (i = 0; i + 8 <= V; i += 8) {
+        const __m256 prob = _mm256_loadu_ps(s->prob + i);
+        const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int)i),
+                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 upto = _mm256_castsi256_ps(
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(last + 1), idx)); /* id <= last */
+        __m256 in = _mm256_or_ps(_mm256_cmp_ps(prob, ev, _CMP_GT_OQ),
+                                 _mm256_and_ps(_mm256_cmp_ps(prob, ev, _CMP_EQ_OQ), upto));
+        in = _mm256_and_ps(in, _mm256_cmp_ps(prob, fv, _CMP_GE_OQ));
+        const __m256 logp = _mm256_sub_ps(_mm256_loadu_ps(s->z + i), cv);
+        const __m256 noise = log8(_mm256_sub_ps(_mm256_setzero_ps(), log8(uniform8(keys, i))));
+        const __m256 score = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY),
+                                              _mm256_sub_ps(logp, noise), in);
+        argmax8_step(&a, score, i);
     }
-    return best < 0 ? 0 : best; /* nothing kept (min_p > 1): every score -inf, torch gives 0 */
+    float tail_best = -INFINITY;
+    int64_t tail_at = -1;
+    for (; i < V; i++) {
+        const float prob = s->prob[i];
+        if (!((prob > edge || (prob == edge && i <= last)) && prob >= floor_p)) continue;
+        const float logp = s->z[i] - c;
+        const float score = logp - log1(0.0f - log1(uniform1(keys, i)));
+        if (score > tail_best) tail_best = score, tail_at = i;
+    }
+    const int64_t where = argmax8_finish(&a, tail_best, tail_at);
+    return where < 0 ? 0 : where; /* no NaN here: c is finite */
 }
 
 /* ------------------------------------------------------------------ entry points */
