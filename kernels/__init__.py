@@ -1,8 +1,10 @@
 """Hot-path kernels of the rollout engine, each with a plain-torch reference of the same semantics.
 
-Every op has ``<op>_ref`` (torch; the engine's CPU path), ``<op>_triton`` (defined only when Triton
-is importable) and a dispatcher that uses Triton for CUDA tensors and the torch path otherwise.
-``apply_penalties`` (SGLang's sampling penalties) is elementwise torch on every device.
+Every op has ``<op>_ref`` (torch), ``<op>_triton`` (defined only when Triton is importable) and a
+dispatcher that uses Triton for CUDA tensors and the torch path otherwise; on CPU, where the C
+kernels of ``csrc/`` build (``cpu_*.py``), the engine's fp32 paths use those instead (linear,
+attention, elementwise ops, token choice). ``apply_penalties`` (SGLang's sampling penalties) is
+elementwise torch on every device.
 All of them are batch invariant: a row's / request's result is bitwise independent of what else
 is in the batch (see each module's docstring for the contract).
 """
