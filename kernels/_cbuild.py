@@ -81,3 +81,16 @@ def load(name: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         return ctypes.CDLL(target)
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def load_typed(
+    name: str, signatures: dict[str, list], extra_flags: tuple[str, ...] = ()
+) -> ctypes.CDLL | None:
+    """``load``, with the argument types of each function in ``signatures`` set (they all
+    return a C ``int``: 0, or an error code)."""
+    lib = load(name, extra_flags)
+    if lib is not None:
+        for function, argtypes in signatures.items():
+            fn = getattr(lib, function)
+            fn.restype, fn.argtypes = ctypes.c_int, argtypes
+    return lib

@@ -15,18 +15,17 @@ import functools
 
 import torch
 
-from kernels._cbuild import load
+from kernels._cbuild import load_typed
+
+_SIGNATURES = {
+    "paged_attention_f32": [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float],
+}
 
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    lib = load("paged_attention_cpu", ("-ffp-contract=off",))  # one rounding per written op
-    if lib is None:
-        return None
-    fn = lib.paged_attention_f32
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_float]
-    return lib
+    # fp-contract off: one rounding per written op
+    return load_typed("paged_attention_cpu", _SIGNATURES, ("-ffp-contract=off",))
 
 
 def available() -> bool:

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from kernels._cbuild import load
+from kernels._cbuild import load_typed
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -35,13 +35,7 @@ _SIGNATURES = {
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     # fp-contract off: the scalar tail must round like the vector lanes.
-    lib = load("sampling_cpu", ("-ffp-contract=off",))
-    if lib is None:
-        return None
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = ctypes.c_int, argtypes
-    return lib
+    return load_typed("sampling_cpu", _SIGNATURES, ("-ffp-contract=off",))
 
 
 def available() -> bool:
