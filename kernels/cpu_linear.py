@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,9 @@ import torch
 from kernels._cbuild import load
 
 PANEL = 16  # outputs per packed panel (csrc/linear_cpu.c)
+
+# Makes a pack's uninitialized panel tensor: (shape, dtype) -> contiguous CPU tensor.
+Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 _PREFIX = {torch.float32: "f32w", torch.bfloat16: "bf16w", torch.int8: "i8w"}
 
@@ -81,15 +85,23 @@ class PackedWeight:
         return self.panels.nbytes + (0 if self.scales is None else self.scales.nbytes)
 
 
-def pack(weight: torch.Tensor, into: PackedWeight | None = None) -> PackedWeight:
+def _torch_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def pack(
+    weight: torch.Tensor, into: PackedWeight | None = None, empty: Allocator = _torch_empty
+) -> PackedWeight:
     """``weight`` [N, K] (fp32 or bf16, CPU) in the kernel's panel layout, same dtype;
     written over ``into``'s panels when given (same shape and dtype: a repack allocates
-    nothing)."""
+    nothing), else into a tensor from ``empty`` (e.g. ``huge_pages.HugePageArena.empty``)."""
     assert weight.dtype in (torch.float32, torch.bfloat16), weight.dtype
-    return _pack_panels(weight.detach().contiguous(), into, None)
+    return _pack_panels(weight.detach().contiguous(), into, None, empty)
 
 
-def pack_int8(weight: torch.Tensor, into: PackedWeight | None = None) -> PackedWeight:
+def pack_int8(
+    weight: torch.Tensor, into: PackedWeight | None = None, empty: Allocator = _torch_empty
+) -> PackedWeight:
     """``weight`` [N, K] quantized to int8 panels, symmetric per output: ``scale[n] =
     max|w[n]| / 127`` (1 for an all-zero row), ``q = round(w / scale)``; the kernel computes
     ``(x . q[n]) * scale[n]``."""
@@ -101,11 +113,11 @@ def pack_int8(weight: torch.Tensor, into: PackedWeight | None = None) -> PackedW
         assert into.scales is not None, "pack_int8 into a float pack"
         into.scales.copy_(scales)
         scales = into.scales
-    return _pack_panels(q, into, scales)
+    return _pack_panels(q, into, scales, empty)
 
 
 def _pack_panels(
-    w: torch.Tensor, into: PackedWeight | None, scales: torch.Tensor | None
+    w: torch.Tensor, into: PackedWeight | None, scales: torch.Tensor | None, empty: Allocator
 ) -> PackedWeight:
     lib = _library()
     assert lib is not None, "C kernel unavailable; check available() first"
@@ -114,7 +126,7 @@ def _pack_panels(
     shape = (-(-n // PANEL), k, PANEL)
     if into is not None:
         assert into.panels.shape == shape and into.panels.dtype == w.dtype, "pack shape changed"
-    panels = torch.empty(shape, dtype=w.dtype) if into is None else into.panels
+    panels = empty(shape, w.dtype) if into is None else into.panels
     getattr(lib, f"{_PREFIX[w.dtype]}_pack")(w.data_ptr(), panels.data_ptr(), n, k)
     return PackedWeight(panels, n, k, scales)
 

@@ -14,6 +14,7 @@ the default KV budget counts it (``kv_budget``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from engine_core.layers.embed_head import ParallelLMHead
 from engine_core.layers.linear import ShardedLinear
 from kernels import cpu_linear
+from kernels.huge_pages import HugePageArena
 
 
 @dataclass
@@ -43,9 +45,13 @@ class PackedLinear:
     construction (deterministic mode needs that; the BLAS is not)."""
 
     def __init__(self, int8: bool = False) -> None:
+        # Packs live on huge pages: a decode step streams them whole, and at 1-8 rows that
+        # is 5-13 % faster than on 4 KiB pages (kernels/huge_pages.py says why).
+        self.arena = HugePageArena()
         # Opt-in (weight_dtype="int8"): the packs hold int8 weights with per-output scales,
         # the parameters stay in the compute dtype (loads, refits, checksums unchanged).
-        self.pack = cpu_linear.pack_int8 if int8 else cpu_linear.pack
+        pack = cpu_linear.pack_int8 if int8 else cpu_linear.pack
+        self.pack = functools.partial(pack, empty=self.arena.empty)
         self._packs: dict[int, _Pack] = {}
         # Bumped whenever a pack is made, remade or dropped: a cheap "may any pack have
         # changed" for callers that hold pack addresses (the one-call layers).
@@ -87,6 +93,7 @@ class PackedLinear:
         """Drop every pack (the weights are being released); returns the bytes freed."""
         freed = self.nbytes
         self._packs.clear()
+        self.arena.reset()  # the chunks are unmapped as their last pack goes
         self.generation += 1
         return freed
 
