@@ -7,13 +7,15 @@ pages stream 5-13 % faster at 1-8 rows (docs/PERFORMANCE.md). torch's allocator 
 ordinary pages, and Linux's default THP mode (``madvise``) gives huge pages only to memory
 that asks for them, so packs come from this arena instead.
 
-Where the platform has no ``MADV_HUGEPAGE`` (not Linux) or the kernel declines, the memory is
-ordinary anonymous memory: same contents, same results, only the speed differs.
+Off Linux the arena hands out plain ``torch.empty`` tensors; where the kernel has THP off or
+declines, the memory is ordinary anonymous memory: same contents, same results, only the speed
+differs.
 """
 
 from __future__ import annotations
 
 import mmap
+import sys
 import threading
 
 import torch
@@ -46,7 +48,7 @@ class HugePageArena:
         for size in shape:
             numel *= int(size)
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if nbytes == 0:
+        if nbytes == 0 or sys.platform != "linux":  # THP is Linux's; elsewhere plain memory
             return torch.empty(shape, dtype=dtype)
         with self._lock:
             raw = self._take(nbytes)

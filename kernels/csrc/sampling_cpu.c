@@ -266,6 +266,14 @@ static int64_t filtered_row(const float *x, const Scratch *s, int64_t V, float T
     return where < 0 ? 0 : where; /* no NaN here: c is finite */
 }
 
+/* top-k = 1: the best-ranked token is the first maximum of z = x / T, no noise needed (as
+ * SGLang, which takes top_k = 1 as greedy). A NaN or +inf among z: 0, filtered_row's answer. */
+static int64_t top1_row(const float *x, float *z, int64_t V, float T) {
+    scale_and_max(x, z, V, T);
+    const int64_t at = argmax_row(z, V);
+    return z[at] - z[at] == 0.0f ? at : 0;
+}
+
 /* ------------------------------------------------------------------ entry points */
 /* out[r] = the token of row r of logits [rows, V] (module comment): temperatures[r] <= 0 is
  * greedy; top_ks, top_ps, min_ps, seeds, positions per row. Returns -1 (and leaves rows
@@ -290,7 +298,9 @@ int sample_rows_f32(const float *logits, const float *temperatures, const int64_
             else if (!ok) {
 #pragma omp atomic write
                 failed = 1;
-            } else if ((k > 0 && k < V) || top_ps[r] < 1.0f)
+            } else if (k == 1 && min_ps[r] <= 1.0f)
+                out[r] = top1_row(x, s.z, V, T);
+            else if ((k > 0 && k < V) || top_ps[r] < 1.0f)
                 out[r] = filtered_row(x, &s, V, T, k, top_ps[r], min_ps[r], keys);
             else
                 out[r] = sample_row(x, s.z, V, T, min_ps[r], keys);

@@ -212,3 +212,22 @@ def test_sample_tokens_on_cpu_is_the_c_kernel():
     temps[5] = 0.0
     cols = (temps, top_ks, top_ps, min_ps, seeds, positions)
     assert torch.equal(sample_tokens(logits, *cols), cpu_sampling.sample_rows(logits, *cols))
+
+
+@pytest.mark.parametrize("vocab", [5, 64, 49157])
+def test_top_k_1_is_the_first_maximum_of_the_scaled_logits(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(24, vocab, generator=g) * 4
+    logits[3, [1, vocab - 1]] = 40.0  # a tie: the lower id
+    logits[4, vocab // 2] = math.nan  # non-finite rows: index 0, as the torch formulation
+    logits[5, vocab - 1] = math.inf
+    logits[6] = -math.inf
+    rows = logits.shape[0]
+    temps = torch.rand(rows, generator=g) * 2 + 0.05
+    cols = (temps, torch.ones(rows, dtype=torch.long), torch.rand(rows, generator=g) * 0.5 + 0.5)
+    extra = (torch.rand(rows, generator=g) * 0.3, SEEDS.repeat(4), POSITIONS.repeat(4))
+    got = cpu_sampling.sample_rows(logits, *cols, *extra)
+    want = (logits / temps[:, None]).argmax(-1)
+    want[[4, 5, 6]] = 0
+    assert got.tolist() == want.tolist()
+    assert got.tolist() == _sample_torch(logits, *cols, *extra).tolist()
