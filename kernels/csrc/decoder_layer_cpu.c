@@ -15,8 +15,13 @@
  * inputs; the glue is copies and one fp32 add per element, exact in any order. So deterministic
  * mode and the trainer-side alignment, which rest on those kernels, hold unchanged.
  */
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
+
+/* Rows a thread's group needs before a step is split by rows: 8 + 8 rows lost to the column
+ * split (decode step 43 -> 48 ms), 16 + 16 and 32 + 32 won (docs/PERFORMANCE.md). */
+#define GROUP_MIN_ROWS 16
 
 typedef int (*linear_fn)(const float *x, const void *panels, const float *scales, const float *b,
                          float *y, int64_t M, int64_t N, int64_t K);
@@ -104,10 +109,8 @@ static int decoder_layer_f32(const Kernels *kn, const Layer *w, const Step *s, c
     return 0;
 }
 
-/* out = layers[0 .. n) applied in turn to x [T, H] (n >= 1; x, out and spare [T, H] do not
- * overlap). Layer i writes into out when n - 1 - i is even, else into spare, so the layers
- * ping-pong between the two and the last one lands in out. Same status as decoder_layer_f32. */
-int decoder_stack_f32(const Kernels *kn, const Layer *layers, int64_t n, const Step *s,
+/* layers[0 .. n) in turn over the step's rows, on the calling thread's kernels. */
+static int stack_rows(const Kernels *kn, const Layer *layers, int64_t n, const Step *s,
                       const float *x, float *out, float *spare) {
     const float *in = x;
     for (int64_t i = 0; i < n; i++) {
@@ -117,4 +120,49 @@ int decoder_stack_f32(const Kernels *kn, const Layer *layers, int64_t n, const S
         in = dst;
     }
     return 0;
+}
+
+/* How many row groups a step runs as: one per thread when every row is its own sequence (a
+ * decode step: row_seq strictly increasing, so no row reads K/V another row of the step
+ * writes) and each group keeps GROUP_MIN_ROWS rows; else 1. */
+static int64_t row_groups(const Step *s) {
+    int64_t groups = omp_get_max_threads();
+    if (s->T / GROUP_MIN_ROWS < groups) groups = s->T / GROUP_MIN_ROWS;
+    if (groups < 2 || omp_in_parallel()) return 1;
+    for (int64_t t = 1; t < s->T; t++)
+        if (s->row_seq[t] <= s->row_seq[t - 1]) return 1;
+    return groups;
+}
+
+/* out = layers[0 .. n) applied in turn to x [T, H] (n >= 1; x, out and spare [T, H] do not
+ * overlap). Layer i writes into out when n - 1 - i is even, else into spare, so the layers
+ * ping-pong between the two and the last one lands in out. Same status as decoder_layer_f32.
+ *
+ * A decode step of enough rows is split by rows instead of by each kernel's columns: every
+ * thread runs its rows through all the layers on its own (the kernels inside run on that one
+ * thread), so there is no fork and join per kernel (~200 a step), and one thread's attention,
+ * waiting on K/V from DRAM, overlaps the other's matmuls. Rows are independent in every
+ * kernel (row-invariant by construction), so the bits are the column split's. */
+int decoder_stack_f32(const Kernels *kn, const Layer *layers, int64_t n, const Step *s,
+                      const float *x, float *out, float *spare) {
+    const int64_t groups = row_groups(s);
+    if (groups == 1) return stack_rows(kn, layers, n, s, x, out, spare);
+    int failed = 0;
+#pragma omp parallel num_threads(groups)
+    {
+        const int64_t g = omp_get_thread_num(), r0 = s->T * g / groups;
+        Step part = *s;
+        part.T = s->T * (g + 1) / groups - r0;
+        part.cos = s->cos + r0 * s->D, part.sin = s->sin + r0 * s->D;
+        part.slots = s->slots + r0, part.row_seq = s->row_seq + r0, part.row_pos = s->row_pos + r0;
+        /* The workspace is linear in rows: group g's share starts after the first r0 rows'. */
+        part.work = s->work + workspace_floats(r0, s->H, s->Hq, s->Hk, s->D, s->I);
+        const int64_t at = r0 * s->H;
+        const int f = stack_rows(kn, layers, n, &part, x + at, out + at, spare + at);
+        if (f) {
+#pragma omp atomic write
+            failed = f;
+        }
+    }
+    return failed;
 }

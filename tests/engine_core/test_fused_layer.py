@@ -27,7 +27,7 @@ def _model(engine: Engine):
     return engine.ranks._transport.rank.runner.model.model
 
 
-def _rollout(path: str, fused: bool, monkeypatch, **config):
+def _rollout(path: str, fused: bool, monkeypatch, prompts=PROMPTS, params=PARAMS, **config):
     """Outputs and logprobs of one rollout, and the rows of each step the one-call path ran."""
     calls = []
     real_call = FusedDecoderLayers.__call__
@@ -40,7 +40,7 @@ def _rollout(path: str, fused: bool, monkeypatch, **config):
     with Engine(path, skip_tokenizer_init=True, **config) as engine:
         if not fused:
             _model(engine).fused = None
-        outs = engine.generate(input_ids=PROMPTS, sampling_params=PARAMS, return_logprob=True)
+        outs = engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True)
     got = [(o["output_ids"], o["meta_info"]["output_token_logprobs"]) for o in outs]
     return got, calls
 
@@ -64,6 +64,21 @@ def test_the_one_call_layer_is_bitwise_the_modules(model_dir, monkeypatch, kind,
     assert fused == modules
     # Every step runs C kernels in both modes: prefill steps take the one-call layer too.
     assert max(calls) > len(PROMPTS) * PARAMS["n"]  # more rows than sequences: a prefill
+
+
+# 19 prompts x n=2: decode steps of 38 rows, which the C stack splits by rows (one group of
+# 19 rows per thread on two cores); n=2 puts two sequences on the same prompt pages.
+MANY = [[7 + (i * 5 + j) % 90 for j in range(4 + 3 * i)] for i in range(18)] + [PROMPTS[1]]
+SAMPLED = {"max_new_tokens": 6, "temperature": 1.0, "sampling_seed": 3, "ignore_eos": True, "n": 2}
+
+
+@pytest.mark.parametrize("config", [{}, {"deterministic": True}])
+def test_decode_steps_split_by_rows_are_bitwise_the_modules(model_dir, monkeypatch, config):
+    path = model_dir("llama")
+    fused, calls = _rollout(path, True, monkeypatch, MANY, SAMPLED, **config)
+    modules, _ = _rollout(path, False, monkeypatch, MANY, SAMPLED, **config)
+    assert calls.count(2 * len(MANY)) >= 3  # decode steps of 38 rows, split
+    assert fused == modules
 
 
 @pytest.mark.parametrize("layers", [1, 3])
