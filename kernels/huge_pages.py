@@ -14,6 +14,7 @@ differs.
 
 from __future__ import annotations
 
+import math
 import mmap
 import sys
 import threading
@@ -44,10 +45,7 @@ class HugePageArena:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized contiguous CPU tensor of ``shape`` and ``dtype`` from the arena."""
-        numel = 1
-        for size in shape:
-            numel *= int(size)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes == 0 or sys.platform != "linux":  # THP is Linux's; elsewhere plain memory
             return torch.empty(shape, dtype=dtype)
         with self._lock:
