@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "vec_exp.h"
+
 #define LANES 8
 #define PARALLEL_MIN (1 << 19) /* query-key multiply-adds */
 #define PARALLEL_MIN_HEADS (1 << 15) /* the same, with a task per query head */
@@ -65,31 +67,6 @@ static inline void dot4(const float *q, const float *k, int64_t kstride, int64_t
     s[0] = s0 * scale, s[1] = s1 * scale, s[2] = s2 * scale, s[3] = s3 * scale;
 }
 
-/* exp(x) for x <= 0 (softmax after the max is subtracted), 8 lanes: x = n ln2 + r with
- * |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error ~2e-7), times 2^n.
- * The same instructions for every element, so a score's weight never depends on its lane. */
-static inline __m256 exp_nonpositive(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.0f);
-    const __m256 given = x, nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q); /* NaN stays NaN */
-    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i bits = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const __m256 e = _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
-    return _mm256_blendv_ps(e, given, nan);
-}
-
 /* s[0..n) = exp(s - max) in place; returns their sum (8-lane partial sums in order, the lane
  * tree). `s` has room for n rounded up to 8; the padding lanes are computed and dropped. */
 static float softmax_numerators(float *s, int64_t n) {
@@ -100,7 +77,7 @@ static float softmax_numerators(float *s, int64_t n) {
     const int64_t padded = (n + LANES - 1) / LANES * LANES;
     for (int64_t j = n; j < padded; j++) s[j] = -INFINITY;
     for (int64_t j = 0; j < padded; j += LANES) {
-        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
         _mm256_storeu_ps(s + j, e);
         total = _mm256_add_ps(total, e);
     }

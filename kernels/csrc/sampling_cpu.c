@@ -15,10 +15,10 @@
  *     < top_p (the first always); min-p (> 0) tokens with p >= min_p * max(p);
  *     u = the counter-based uniform of (seed, position, index) (bitwise kernels/sampling.py's);
  *     token = the first maximum of logp - log(-log(u)) over the kept tokens (Gumbel-max).
- * The uniforms are bit for bit the torch reference's; exp and log are sampling_math.h's
- * polynomials (a few ulp from libm's) and top-p's masses are summed in double, so a token can
- * differ from the torch path's only where float rounding decides: two perturbed scores, or a
- * top-p boundary, within rounding of each other. Top-k / top-p never sort: a quickselect
+ * The uniforms are bit for bit the torch reference's; exp (vec_exp.h) and log
+ * (sampling_math.h) are polynomials (a few ulp from libm's) and top-p's masses are summed in
+ * double, so a token can differ from the torch path's only where float rounding decides: two
+ * perturbed scores, or a top-p boundary, within rounding of each other. Top-k / top-p never sort: a quickselect
  * finds top-k's set, one weighted by mass top-p's, and the kept tokens are scored one by one
  * when few, in one vector pass over the vocabulary when many.
  */

@@ -1,6 +1,6 @@
 /*
  * Vector building blocks of csrc/sampling_cpu.c: the counter-based uniforms of
- * kernels/sampling.py (bit for bit), exp and log polynomials for 8 lanes, and a running
+ * kernels/sampling.py (bit for bit), a log polynomial for 8 lanes (exp: vec_exp.h), and a running
  * first-maximum. Header-only (static inline); kernels/_cbuild.py hashes every header here
  * into each source's build key.
  */
@@ -10,6 +10,8 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+
+#include "vec_exp.h"
 
 #define MUL 0x45D9F3Bu
 
@@ -61,31 +63,7 @@ static inline float uniform1(Keys keys, int64_t i) {
     return (float)(bits >> 9) * 0x1p-23f + 0x1p-24f;
 }
 
-/* ------------------------------------------------------------------ vector exp and log */
-/* exp(x), 8 lanes, for x <= 0: x = n ln2 + r (|r| <= ln2 / 2), e^r by its degree-7 Taylor
- * polynomial (relative error < 1e-8 before rounding), times 2^n; 0 below -87; NaN stays NaN. */
-static inline __m256 exp8(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.0f), nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), given = x;
-    x = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i scale =
-        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    const __m256 e = _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
-    return _mm256_blendv_ps(e, given, nan);
-}
-
+/* ------------------------------------------------------------------ vector log */
 /* log(x), 8 lanes, for positive normal x (all this file asks for): x = m 2^e with m in
  * [sqrt(1/2), sqrt(2)); log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, by its
  * series to s^13 (truncation < 1e-10 relative); plus e ln2 in two parts. */
