@@ -68,7 +68,7 @@ class Rank:
         self._staged: StagedWeights | None = None
         self.kv = KVCache(self.model, config, model_cfg, self.dtype, self.device)
         self.runner = ModelRunner(self.model, attention, config.page_size, self.device, self.tp)
-        self.refit = RankRefit(self, config.model_path)
+        self.refit = RankRefit(self)
         self.memory = RankMemory(self.model, self.kv, self.device, self.refit, self.packed)
 
     def info(self) -> RankInfo:

@@ -32,6 +32,9 @@ class VocabParallelEmbedding(WeightOwner):
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return self.tp.all_reduce(out)
 
+    def full_shape(self, leaf, shard_id=None):
+        return (self.vocab, self.weight.shape[1])
+
     def shard_target(self, leaf, full, shard_id=None):
         return _vocab_rows(self.weight, self.start, self.rows, full)
 
@@ -69,7 +72,10 @@ class ParallelLMHead(WeightOwner):
         return () if self.tied else ("weight",)  # tied: the embedding loads it
 
     def shard_view(self, leaf, shard_id=None):
-        return self.head_weight
+        return self.head_weight if leaf == "weight" else None
+
+    def full_shape(self, leaf, shard_id=None):
+        return (self.vocab, self.head_weight.shape[1])
 
     def shard_target(self, leaf, full, shard_id=None):
         if self.tied:

@@ -36,6 +36,9 @@ class ShardedLinear(WeightOwner):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x, self.weight, self.bias)
 
+    def _hf_shape(self, leaf: str, rows: int, cols: int) -> tuple[int, ...]:
+        return (rows, cols) if leaf == "weight" else (rows,)
+
 
 def _rank_slice(full: torch.Tensor, dim: int, tp: TPContext, what: str) -> torch.Tensor:
     size = divide(full.shape[dim], tp.size, what)
@@ -47,6 +50,9 @@ class ColumnParallelLinear(ShardedLinear):
 
     def __init__(self, in_f: int, out_f: int, bias: bool, tp: TPContext, fn: LinearFn = F.linear):
         super().__init__(in_f, divide(out_f, tp.size, "output features"), bias, tp, fn)
+
+    def full_shape(self, leaf, shard_id=None):
+        return self._hf_shape(leaf, self.weight.shape[0] * self.tp.size, self.weight.shape[1])
 
     def shard_target(self, leaf, full, shard_id=None):
         return getattr(self, leaf), _rank_slice(full, 0, self.tp, f"{leaf} rows")
@@ -73,6 +79,9 @@ class MergedColumnParallelLinear(ShardedLinear):
             return getattr(self, leaf)
         index = int(shard_id)  # type: ignore[arg-type]
         return getattr(self, leaf).narrow(0, sum(self.local_outs[:index]), self.local_outs[index])
+
+    def full_shape(self, leaf, shard_id=None):
+        return self._hf_shape(leaf, self.full_outs[int(shard_id)], self.weight.shape[1])  # type: ignore[arg-type]
 
     def shard_target(self, leaf, full, shard_id=None):
         return self.shard_view(leaf, shard_id), _rank_slice(full, 0, self.tp, f"{leaf} rows")
@@ -118,6 +127,10 @@ class QKVParallelLinear(ShardedLinear):
         offset, size = self.sizes[str(shard_id)]
         return getattr(self, leaf).narrow(0, offset, size)
 
+    def full_shape(self, leaf, shard_id=None):
+        rows = self.full_rows[self.shard_ids().index(shard_id)]
+        return self._hf_shape(leaf, rows, self.weight.shape[1])
+
     def shard_target(self, leaf, full, shard_id=None):
         size = self.sizes[str(shard_id)][1]
         dst = self.shard_view(leaf, shard_id)
@@ -137,6 +150,9 @@ class RowParallelLinear(ShardedLinear):
         y = self.tp.all_reduce(self.fn(x, self.weight, None))
         # Bias after the reduction so it is added once, not tp_size times.
         return y if self.bias is None else y + self.bias
+
+    def full_shape(self, leaf, shard_id=None):
+        return self._hf_shape(leaf, self.weight.shape[0], self.weight.shape[1] * self.tp.size)
 
     def shard_target(self, leaf, full, shard_id=None):
         if leaf == "bias":

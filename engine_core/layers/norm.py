@@ -23,5 +23,8 @@ class RMSNorm(WeightOwner):
         """``(x + delta, self(x + delta))``: the residual add and the norm after it."""
         return self.elementwise.add_rms_norm(x, delta, self.weight, self.eps)
 
+    def full_shape(self, leaf, shard_id=None):
+        return tuple(self.weight.shape)
+
     def shard_target(self, leaf, full, shard_id=None):
         return self.weight, full

@@ -28,6 +28,11 @@ class WeightOwner(nn.Module):
         """Parameter leaves a complete checkpoint must provide for this module."""
         return tuple(leaf for leaf in ("weight", "bias") if getattr(self, leaf, None) is not None)
 
+    def full_shape(self, leaf: str, shard_id: object = None) -> tuple[int, ...]:
+        """The shape of the HF tensor (whole, not this rank's shard) behind ``leaf`` and
+        ``shard_id``: the loader refuses any other, so nothing is cut short or left stale."""
+        raise NotImplementedError
+
     def shard_target(
         self, leaf: str, full: torch.Tensor, shard_id: object = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -115,6 +115,11 @@ def _target(model: nn.Module, name: str, tensor: torch.Tensor, key: Key) -> Part
         raise ModelLoadError(
             f"weight {name!r} is the engine's fused parameter; send its HF parts {parts}"
         )
+    expected = module.full_shape(leaf, shard_id)
+    if tuple(tensor.shape) != tuple(expected):
+        raise ModelLoadError(
+            f"weight {name!r}: shape {tuple(tensor.shape)}, expected {tuple(expected)}"
+        )
     try:
         dst, src = module.shard_target(leaf, tensor, shard_id)
     except (ValueError, RuntimeError, IndexError) as exc:
@@ -194,6 +199,7 @@ def stage_weights(
             continue
         if not isinstance(tensor, torch.Tensor):
             raise ModelLoadError(f"weight {name!r} is a {type(tensor).__name__}, not a tensor")
+        _check_readable(name, tensor)
         if expected_dtype is not None and tensor.dtype != expected_dtype:
             raise ModelLoadError(
                 f"weight {name!r} has dtype {tensor.dtype}, expected {expected_dtype}"
@@ -211,6 +217,17 @@ def stage_weights(
             )
             raise ModelLoadError(f"missing weights: {shown[:8]}{' ...' if len(shown) > 8 else ''}")
     return StagedWeights(parts, list(seen.values()), list(model.parameters()), adopt)
+
+
+def _check_readable(name: str, tensor: torch.Tensor) -> None:
+    """Refuse, before anything is written, a tensor whose values a copy cannot read or that
+    has no real-number values to give (a commit must not fail halfway)."""
+    if tensor.is_meta:
+        raise ModelLoadError(f"weight {name!r} is on the meta device (it holds no data)")
+    if tensor.layout != torch.strided:
+        raise ModelLoadError(f"weight {name!r} has layout {tensor.layout}, expected dense")
+    if not tensor.is_floating_point():
+        raise ModelLoadError(f"weight {name!r} has dtype {tensor.dtype}, expected floating point")
 
 
 def load_weights(

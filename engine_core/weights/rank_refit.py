@@ -26,7 +26,6 @@ import torch.distributed as dist
 
 from engine_core.errors import ModelLoadError
 from engine_core.weights.loader import (
-    checkpoint_files,
     hf_names,
     owner_key,
     owner_of,
@@ -62,9 +61,8 @@ class _Member:
 class RankRefit:
     """Per-rank refit state; every method runs on every TP rank in the same order."""
 
-    def __init__(self, rank: Any, model_path: str) -> None:
+    def __init__(self, rank: Any) -> None:
         self.rank = rank  # execution.rank.Rank: its weights, storages and TP group
-        self.model_path = model_path  # the checkpoint whose header gives every full shape
         self.members: dict[str, _Member] = {}
         self.held: list[tuple[str, torch.Tensor]] | None = None
         self.held_group: str | None = None
@@ -264,19 +262,17 @@ class RankRefit:
         return {name: tensor_checksum(self._gather(name, shapes[name])) for name in names}
 
     def _full_shapes(self, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
-        # The checkpoint header gives every HF shape (refits never change the architecture).
-        from safetensors import safe_open
-
+        """Every name's whole HF shape, from the layers' shard protocol."""
+        model = self.rank.model
         shapes: dict[str, tuple[int, ...]] = {}
-        for path in checkpoint_files(self.model_path):
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-        if "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:
-            shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]  # tied
-        missing = [n for n in names if n not in shapes]
-        if missing:
-            raise ModelLoadError(f"unknown weight names {missing[:5]}")
+        for name in names:
+            param_view(model, name)  # raises ModelLoadError for a name the model does not have
+            path, leaf, shard_id = owner_key(model, name)
+            module = owner_of(model, path)
+            try:
+                shapes[name] = tuple(module.full_shape(leaf, shard_id))  # type: ignore[union-attr]
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise ModelLoadError(f"unknown weight name {name!r}") from None
         return shapes
 
     def _gather(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
