@@ -43,7 +43,7 @@ class Submission:
         if request.stream:
             chunks: queue.SimpleQueue = queue.SimpleQueue()
             self._submit_stream(reqs, is_batch, chunks.put)
-            return _stream(chunks, lambda: self.requests.release([reqs[0].rid]))
+            return _stream(chunks, self._release_one(reqs[0]), self._abort_one(reqs[0]))
         sinks = [BlockingSink(self.outputs.final) for _ in reqs]
         self._submit(reqs, sinks)
         for sink in sinks:
@@ -66,15 +66,33 @@ class Submission:
             self._submit_stream(
                 reqs, is_batch, lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)
             )
-            return _drain(chunks, lambda: self.requests.release([reqs[0].rid]))
+            return _drain(chunks, self._release_one(reqs[0]), self._abort_one(reqs[0]))
         sinks = [FutureSink(self.outputs.final, loop) for _ in reqs]
         self._submit(reqs, sinks)
         try:
             outputs = list(await asyncio.gather(*(s.future for s in sinks)))
         except BaseException:
-            self.requests.release(r.rid for r in reqs)  # their outputs never got built
+            self._give_up(reqs, [s.future for s in sinks])
             raise
         return outputs if is_batch or len(outputs) > 1 else outputs[0]
+
+    def _give_up(self, reqs: list[Request], futures: list[asyncio.Future]) -> None:
+        """The caller stopped waiting (cancelled, or one request of the call failed): a failed
+        request's id is freed here (its output never got built); every other one is aborted
+        and keeps its id until the loop has finished it, so a reuse of the id cannot receive
+        this request's output."""
+        for req, future in zip(reqs, futures, strict=True):
+            failed = future.done() and not future.cancelled() and future.exception() is not None
+            if failed:
+                self.requests.release([req.rid])
+            elif not future.done() or future.cancelled():
+                self.loop.abort(req.rid, "aborted: the caller stopped waiting")
+
+    def _release_one(self, req: Request):
+        return lambda: self.requests.release([req.rid])
+
+    def _abort_one(self, req: Request):
+        return lambda: self.loop.abort(req.rid, "aborted: the caller closed the stream")
 
     def _submit_stream(self, reqs: list[Request], is_batch: bool, push) -> None:
         if is_batch or len(reqs) != 1:
@@ -93,19 +111,35 @@ class Submission:
         self.loop.submit(reqs, sinks)
 
 
-def _stream(chunks: queue.SimpleQueue, release) -> Iterator[dict[str, Any]]:
+def _stream(chunks: queue.SimpleQueue, release, abort) -> Iterator[dict[str, Any]]:
     """Chunks until the end marker; a failure the sink reported is raised (``release``
-    frees the request's id, whose final chunk never got built)."""
-    while (chunk := chunks.get()) is not None:
-        if isinstance(chunk, BaseException):
-            release()
-            raise chunk
-        yield chunk
+    frees the request's id, whose final chunk never got built). Closed early, the request
+    is aborted (``abort``): nobody reads the rest."""
+    ended = False
+    try:
+        while (chunk := chunks.get()) is not None:
+            if isinstance(chunk, BaseException):
+                ended = True
+                release()
+                raise chunk
+            yield chunk
+        ended = True
+    finally:
+        if not ended:
+            abort()
 
 
-async def _drain(chunks: asyncio.Queue, release) -> AsyncIterator[dict[str, Any]]:
-    while (chunk := await chunks.get()) is not None:
-        if isinstance(chunk, BaseException):
-            release()
-            raise chunk
-        yield chunk
+async def _drain(chunks: asyncio.Queue, release, abort) -> AsyncIterator[dict[str, Any]]:
+    """``_stream`` for asyncio callers."""
+    ended = False
+    try:
+        while (chunk := await chunks.get()) is not None:
+            if isinstance(chunk, BaseException):
+                ended = True
+                release()
+                raise chunk
+            yield chunk
+        ended = True
+    finally:
+        if not ended:
+            abort()

@@ -261,8 +261,13 @@ class EngineLoop:
         if len(req.output_ids) >= req.max_new_tokens:
             return self._finish(req, {"type": "length", "length": len(req.output_ids)})
         sink = self._sinks.get(req.rid)
-        if sink is not None:
+        if sink is None:
+            return
+        try:
             sink.on_progress(req)
+        except Exception:  # the caller is gone (e.g. its event loop closed): end its request only
+            log.exception("progress of %s could not be delivered; aborting it", req.rid)
+            self._finish(req, {"type": "abort", "message": "its output could not be delivered"})
 
     def _finish(self, req: Request, reason: dict, text: str | None = None) -> None:
         if req.finished:
