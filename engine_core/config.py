@@ -16,6 +16,18 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MAX_REQUESTS_PER_CALL = 8192
 
 
+MAX_THREADS = 1024
+
+
+def check_device_usable(device: str) -> None:
+    """Refuse, by name, a device this process cannot compute on (checked where an engine
+    starts: a driver may describe engines for machines other than its own)."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfigError("device", device, "CUDA is not available in this process")
+
+
 def default_device() -> str:
     import torch
 
@@ -128,6 +140,10 @@ class EngineConfig:
             self._check_positive("context_length", self.context_length)
         if self.num_threads is not None:
             self._check_positive("num_threads", self.num_threads)
+            if self.num_threads > MAX_THREADS:  # OpenMP would try to start them all
+                raise InvalidConfigError(
+                    "num_threads", self.num_threads, f"must be at most {MAX_THREADS}"
+                )
         if not isinstance(self.seed, int):
             raise InvalidConfigError("seed", self.seed, "must be an int")
         self._check_control()
@@ -138,17 +154,11 @@ class EngineConfig:
             raise InvalidConfigError("sleep_on_idle_s", idle, "must be a number of seconds")
         if idle is not None and not idle > 0:
             raise InvalidConfigError("sleep_on_idle_s", idle, "must be > 0 (None: off)")
-        for name in (
-            "sleep_on_idle_weights",
-            "weights_host_copy",
-            "keep_refit_staging",
-            "enable_prefix_cache",
-            "incremental_streaming_output",
-            "enable_return_hidden_states",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, bool) and not (value is None and name == "weights_host_copy"):
-                raise InvalidConfigError(name, value, "must be a bool")
+        for f in dataclasses.fields(self):  # a string "false" would read as True
+            if f.type in ("bool", "bool | None"):
+                value = getattr(self, f.name)
+                if not isinstance(value, bool) and not (value is None and f.type != "bool"):
+                    raise InvalidConfigError(f.name, value, "must be a bool")
         if self.weights_host_copy and self.device != "cuda":
             raise InvalidConfigError(
                 "weights_host_copy", True, "a host copy of CPU weights frees no memory"

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from engine_core.config import EngineConfig
+from engine_core.config import EngineConfig, check_device_usable
 from engine_core.control.engine_memory import MemoryController, normalize_tags
 from engine_core.errors import InvalidRequestError, ModelLoadError
 from engine_core.execution.rank_client import start_ranks
@@ -63,6 +63,7 @@ class Engine:
         translated = EngineConfig.translate(model_path, kwargs)
         self.server_args_given = translated.given  # SGLang names as given (get_server_info)
         config = EngineConfig.from_translated(model_path, translated)
+        check_device_usable(config.device)
         if "log_level" in translated.given:
             _set_log_level(translated.given["log_level"])
         log_no_effect(translated.no_effect)

@@ -124,12 +124,43 @@ def resolve_kv_budget(config: Any, model_cfg: Any, context_length: int) -> Any:
     """``config`` with ``kv_cache_memory_bytes`` set to the per-rank KV bytes (module
     docstring); unchanged when ``max_total_tokens`` or ``kv_cache_memory_bytes`` sizes the
     cache already."""
-    if config.max_total_tokens is not None:
+    given = config.max_total_tokens is not None or config.kv_cache_memory_bytes is not None
+    _check_fits(config, model_cfg, whole_cache=given)
+    if given:
         return config
     if config.mem_fraction_static is not None:
         budget = mem_fraction_budget_bytes(config, model_cfg)
-    elif config.kv_cache_memory_bytes is None:
-        budget = default_kv_budget_bytes(config, model_cfg, context_length)
     else:
-        return config
+        budget = default_kv_budget_bytes(config, model_cfg, context_length)
     return dataclasses.replace(config, kv_cache_memory_bytes=budget)
+
+
+def _check_fits(config: Any, model_cfg: Any, whole_cache: bool) -> None:
+    """Refuse, naming the field, a KV size the device cannot hold before the allocator fails
+    on it: one page, and (``whole_cache``: a size the caller gave) the whole cache. A budget
+    derived here is not checked: the floor may exceed a small host's estimate on purpose."""
+    import torch
+
+    from engine_core.execution.model_runner import resolve_dtype
+
+    elem = torch.empty(0, dtype=resolve_dtype(config, model_cfg)).element_size()
+    per_token = 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim * elem
+    page = config.page_size * per_token
+    available = available_memory_bytes(config.device)
+    where = "device memory" if config.device == "cuda" else "available RAM (MemAvailable)"
+    if page > available:
+        raise InvalidConfigError(
+            "page_size", config.page_size, f"one page is {page} bytes of KV, over the {where}"
+        )
+    if not whole_cache:
+        return
+    if config.max_total_tokens is not None:
+        field, value = "max_total_tokens", config.max_total_tokens
+        need = -(-value // config.page_size) * page
+    else:
+        field, value = "kv_cache_memory_bytes", config.kv_cache_memory_bytes
+        need = value if config.device == "cuda" else value * config.tp_size  # CPU ranks share
+    if need > available:
+        raise InvalidConfigError(
+            field, value, f"the KV cache needs {need} bytes, over the {available} bytes of {where}"
+        )

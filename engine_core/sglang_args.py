@@ -65,7 +65,9 @@ def _none_keeps_default(value: Any, kwargs: dict[str, Any]) -> Any:
     return OMIT if value is None else value
 
 
-def _negated(value: Any, kwargs: dict[str, Any]) -> Any:
+def _radix_cache_disabled(value: Any, kwargs: dict[str, Any]) -> Any:
+    if value is not None and not isinstance(value, bool):  # "false" would read as True
+        raise InvalidConfigError("disable_radix_cache", value, "must be a bool")
     return OMIT if value is None else not value
 
 
@@ -151,7 +153,7 @@ SGLANG_ARGS: dict[str, Rule] = {
     "retraction_policy": _no_effect("length", "the newest running request is retracted"),
     "page_size": _map("page_size", None, "None: 16"),
     "disable_radix_cache": _map(
-        "enable_prefix_cache", False, "True -> enable_prefix_cache=False", _negated
+        "enable_prefix_cache", False, "True -> enable_prefix_cache=False", _radix_cache_disabled
     ),
     "disable_overlap_schedule": _no_effect(False, "steps are not overlapped"),
     "num_continuous_decode_steps": _no_effect(1, "one step per scheduling round"),

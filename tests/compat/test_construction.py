@@ -143,6 +143,32 @@ def test_values_this_engine_cannot_honour_are_rejected(name, value):
         config(**{name: value})
 
 
+@pytest.mark.parametrize(
+    "name", ["deterministic", "skip_tokenizer_init", "enable_prefix_cache", "disable_radix_cache"]
+)
+@pytest.mark.parametrize("value", ["false", "no", 0, 1])
+def test_a_bool_option_takes_only_a_bool(name, value):
+    """A string such as "false" is truthy: taken as given it would mean the opposite."""
+    with pytest.raises(InvalidConfigError, match=f"{name}={value!r}: must be a bool"):
+        config(**{name: value})
+
+
+@pytest.mark.parametrize("threads", [1025, 10**6, 2**32])
+def test_thread_count_is_bounded(threads):
+    with pytest.raises(InvalidConfigError, match=f"num_threads={threads}"):
+        config(num_threads=threads)
+
+
+def test_cuda_without_cuda_is_refused_at_start(tiny_model):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this check is for a process without CUDA")
+    config(device="cuda")  # a driver may describe an engine for another machine
+    with pytest.raises(InvalidConfigError, match="device='cuda'.*not available"):
+        Engine(tiny_model, device="cuda")
+
+
 def test_tokenizer_path_equal_to_model_path_is_accepted():
     assert config(tokenizer_path="/models/m").model_path == "/models/m"
 

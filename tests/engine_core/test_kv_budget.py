@@ -96,3 +96,19 @@ def test_peak_rss_per_rank_with_tp(tiny_model, monkeypatch):
     ranks = info["rank_peak_rss_bytes"]
     assert len(ranks) == 2 and all(r >= kv for r in ranks)
     assert info["peak_rss_bytes"] >= sum(ranks)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("page_size", 10**9), ("max_total_tokens", 10**15), ("kv_cache_memory_bytes", 10**16)],
+)
+def test_a_kv_size_beyond_the_memory_is_refused_by_name(tiny_model, monkeypatch, field, value):
+    """Refused before the allocator is asked for it (it raised an untyped RuntimeError)."""
+    with pytest.raises(InvalidConfigError, match=f"{field}={value}.*available RAM") as info:
+        _engine(tiny_model, monkeypatch, 1 << 30, **{field: value})
+    assert info.value.field == field
+
+
+def test_a_kv_size_that_fits_is_accepted(tiny_model, monkeypatch):
+    with _engine(tiny_model, monkeypatch, 1 << 30, max_total_tokens=4096) as engine:
+        assert engine.pool.num_pages * engine.config.page_size >= 4096
