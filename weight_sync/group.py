@@ -172,6 +172,19 @@ class WeightGroup:
         )
 
 
+MAX_TIMEOUT_S = 10**7  # ~116 days; a larger (or infinite) one overflows the timedelta
+
+
+def check_timeout(timeout_s: object) -> None:
+    """A group's timeout: seconds in (0, MAX_TIMEOUT_S], else ValueError naming it."""
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or not 0 < timeout_s <= MAX_TIMEOUT_S
+    ):
+        raise ValueError(f"invalid timeout_s={timeout_s!r}: must be in (0, {MAX_TIMEOUT_S}]")
+
+
 def create_group(
     master_address: str,
     master_port: int,
@@ -203,8 +216,7 @@ def create_group(
         raise ValueError(f"rank {rank} outside world of size {world_size}")
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    if timeout_s <= 0:
-        raise ValueError("timeout_s must be positive")
+    check_timeout(timeout_s)
     timeout = datetime.timedelta(seconds=timeout_s)
     what = f"create_group({master_address}:{master_port}, {backend})"
     where = f"weight-sync group {group_name!r} (rank {rank}/{world_size})"

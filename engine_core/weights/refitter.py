@@ -33,6 +33,7 @@ from engine_core.weights.sglang_payloads import (
     per_rank_tensors,
 )
 from weight_sync import UpdatePlan
+from weight_sync.group import check_timeout
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,18 @@ class Refitter:
         self, master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s
     ) -> dict:
         tp = self.tp_size
-        if rank_offset < 0 or rank_offset + tp > world_size:
+        for name, value in (("rank_offset", rank_offset), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"invalid {name}={value!r}: must be an int")
+        if not isinstance(group_name, str) or not group_name:
+            raise ValueError(f"invalid group_name={group_name!r}: must be a non-empty str")
+        if rank_offset < 1:  # rank 0 is the trainer: it broadcasts, the engines receive
+            raise ValueError(
+                f"invalid rank_offset={rank_offset}: rank 0 is the sender (the trainer), so an "
+                "engine's ranks start at 1 or above"
+            )
+        check_timeout(timeout_s)
+        if rank_offset + tp > world_size:
             raise ValueError(
                 f"rank_offset={rank_offset} with tp_size={tp} does not fit world_size={world_size}"
             )

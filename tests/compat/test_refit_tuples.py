@@ -41,6 +41,32 @@ def test_failures_are_false_tuples_with_weights_unchanged(engine, tmp_path):
         (engine.update_weights_from_tensor, ([("model.norm.weight", 1.0)],), "ModelLoadError"),
         (engine.update_weights_from_tensor, (42,), "TypeError"),
         (engine.init_weights_update_group, ("127.0.0.1", 1, 5, 2, "g"), "ValueError"),
+        # rank 0 is the trainer (the sender): an engine there would "receive" its own memory
+        (
+            engine.init_weights_update_group,
+            ("127.0.0.1", 1, 0, 1, "g"),
+            "ValueError: invalid rank_offset=0",
+        ),
+        (
+            engine.init_weights_update_group,
+            ("127.0.0.1", 1, "1", 2, "g"),
+            "ValueError: invalid rank_offset='1'",
+        ),
+        (
+            engine.init_weights_update_group,
+            ("127.0.0.1", 1, 1, 2, 5),
+            "ValueError: invalid group_name=5",
+        ),
+        (
+            engine.init_weights_update_group,
+            ("127.0.0.1", 1, 1, 2, "g", "gloo", float("inf")),
+            "ValueError: invalid timeout_s=inf",
+        ),
+        (
+            engine.init_weights_update_group,
+            ("127.0.0.1", 1, 1, 2, "g", "gloo", 1e30),
+            "ValueError: invalid timeout_s=1e+30",
+        ),
         (
             engine.update_weights_from_distributed,
             (["model.norm.weight"], ["float32"], [[4], [4]]),
