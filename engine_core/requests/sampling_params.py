@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine_core.errors import InvalidRequestError
+from engine_core.requests.regex_safety import nested_repeat
 
 _INT_KEYS = ("max_new_tokens", "top_k", "n", "min_new_tokens")
 _FLOAT_KEYS = (
@@ -162,6 +163,13 @@ class SamplingParams:
                 raise InvalidRequestError(
                     f"{prefix}.stop_regex", pattern, f"not a valid regular expression ({exc})"
                 ) from None
+            if nested_repeat(pattern):
+                raise InvalidRequestError(
+                    f"{prefix}.stop_regex",
+                    pattern,
+                    "a repeated group that repeats again inside can take exponential time to "
+                    "search (use a possessive repeat such as x++ or an atomic group (?>...))",
+                )
         return list(patterns)
 
     def _check_stop_token_ids(self, prefix: str) -> list[int]:

@@ -103,6 +103,10 @@ BAD_SAMPLING = [
     ("stop_regex", [""]),
     ("stop_regex", b"x"),
     ("stop_regex", "a{99999999999}"),
+    # a repeat inside a repeat backtracks exponentially: one search would freeze the engine
+    ("stop_regex", "(.+)+[^\\s\\S]"),
+    ("stop_regex", "(\\w+\\s?)+$"),
+    ("stop_regex", "(?:x|(y+))*z"),
     ("no_stop_trim", "yes"),
     ("no_stop_trim", 1),
     ("spaces_between_special_tokens", 0),
