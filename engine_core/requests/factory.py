@@ -61,6 +61,7 @@ class RequestFactory:
         self.pool = pool
         self.max_requests_per_call = max_requests_per_call
         self.hidden_states_enabled = hidden_states_enabled
+        self.max_prompt_chars = _max_prompt_chars(tokenizer, context_length)
         self._rng = random.Random(seed)
         self._arrival = itertools.count()
         self._lock = threading.Lock()
@@ -135,8 +136,26 @@ class RequestFactory:
                 raise InvalidRequestError(
                     field, item, "text prompts need a tokenizer; pass input_ids"
                 )
+            self._check_text(item, field)
             item = self.tokenizer.encode(item)
         return check_ids(item, field, self.vocab_size)
+
+    def _check_text(self, text: str, field: str) -> None:
+        """Refuse, before tokenizing it, text that cannot be a prompt: too long for the context
+        whatever its tokens (tokenizing megabytes takes seconds), or not encodable."""
+        if len(text) > self.max_prompt_chars:
+            raise InvalidRequestError(
+                field,
+                f"<{len(text)} characters>",
+                f"longer than any prompt of at most {self.context_length} tokens "
+                f"({self.max_prompt_chars} characters)",
+            )
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                reason = f"not valid Unicode text ({exc.reason})"
+                raise InvalidRequestError(field, text, reason) from None
 
     def _check_fits(self, ids: list[int], sp: SamplingParams, where: str) -> None:
         if len(ids) > self.context_length:
@@ -271,3 +290,15 @@ def check_request_count(total: int, limit: int, field: str, value: Any) -> None:
             f"one generate call may make at most max_requests_per_call={limit} requests "
             f"(batch size x n; an EngineConfig option), this one makes {total}",
         )
+
+
+def _max_prompt_chars(tokenizer: Any, context_length: int) -> int:
+    """Characters beyond which a text cannot fit ``context_length`` tokens. Every character
+    of a text is at least one character of the token strings it becomes (byte-level BPE and
+    SentencePiece alike), so a text longer than context x the longest token string has too
+    many tokens; doubled for normalizers that shorten text (none of the supported ones)."""
+    if tokenizer is None:
+        return 0
+    vocab = tokenizer.get_vocab()
+    longest = max((len(token) for token in vocab), default=1)
+    return 2 * context_length * max(longest, 1)

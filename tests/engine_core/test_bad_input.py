@@ -169,6 +169,10 @@ CASES += [
     (dict(prompt=[1, 2]), "prompt[0]", "1"),
     (dict(prompt=["ok", ["a"]]), "prompt[1]", "['a']"),
     (dict(prompt=["ok", ""]), "prompt[1]", "''"),
+    (dict(prompt="\ud800"), "prompt", "'\\ud800'"),  # a lone surrogate: no UTF-8 for it
+    (dict(prompt=["ok", "a\udfffb"]), "prompt[1]", "'a\\udfffb'"),
+    # refused by its length before it is tokenized (64-token context)
+    (dict(prompt="word " * 200_000), "prompt", "<1000000 characters>"),
 ]
 
 
