@@ -149,6 +149,7 @@ class Engine:
 
     def abort_request(self, rid: str | None = None, abort_all: bool = False) -> None:
         """Abort a request (its output returns with finish_reason abort), or all of them."""
+        _check_flag("abort_all", abort_all)
         if abort_all:
             self.loop.abort(None)
         elif rid is not None:
@@ -372,6 +373,7 @@ class Engine:
         between two steps, so every later token carries the new label)."""
         if not isinstance(new_version, str) or not new_version:
             raise InvalidRequestError("new_version", new_version, "must be a non-empty str")
+        _check_flag("abort_all_requests", abort_all_requests)
         if abort_all_requests:
             self.abort_request(abort_all=True)
         version = self.loop.call(lambda: self.versions.relabel(new_version))
@@ -425,6 +427,11 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):  # "no" would read as True
+        raise InvalidRequestError(name, value, "must be a bool")
 
 
 def _set_log_level(level: Any) -> None:

@@ -38,6 +38,17 @@ from weight_sync.group import check_timeout
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "weight_update_group"
+
+
+def check_refit_flags(version: object, commit: object = True) -> None:
+    """A refit's label and commit flag as SGLang types them (``weight_version: str | None``,
+    a bool): a truthy "no" must not commit, nor an int become a label by ``str``."""
+    if version is not None and (not isinstance(version, str) or not version):
+        raise ValueError(f"invalid weight_version={version!r}: must be a non-empty str or None")
+    if not isinstance(commit, bool):
+        raise ValueError(f"invalid commit={commit!r}: must be a bool")
+
+
 _SHAPE_FIELDS = (
     "architecture",
     "vocab_size",
@@ -144,6 +155,7 @@ class Refitter:
 
     # ---------------------------------------------------------------- sources
     def from_disk(self, model_path: str, version: str | None) -> dict:
+        check_refit_flags(version)
         new = load_model_config(model_path)
         for field in _SHAPE_FIELDS:
             if getattr(new, field) != getattr(self.model_cfg, field):
@@ -158,6 +170,7 @@ class Refitter:
     ):
         """Stage tensors handed over in memory and commit them, or (``commit=False``) hold a
         private copy on every rank for ``commit_held`` / ``discard_held``."""
+        check_refit_flags(version, commit)
         hold = not commit
         if hold and self.held is not None:
             raise RefitStateError("a staged update is held; commit or discard it first")
@@ -223,6 +236,7 @@ class Refitter:
         commit: bool,
         load_format: str | None = None,
     ) -> dict:
+        check_refit_flags(version, commit)
         plan = plan_of(names)
         metas = None
         if load_format not in (None, FLATTENED_BUCKET) or (load_format and plan is not None):
@@ -269,6 +283,8 @@ class Refitter:
 
     # ---------------------------------------------------------------- held updates
     def commit_held(self, version: str | None) -> dict:
+        check_refit_flags(version)
+
         def run() -> dict:
             if self.held is None:
                 raise RefitStateError("no staged update to commit")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_core import Engine, InvalidConfigError, ModelLoadError
+from engine_core import Engine, InvalidConfigError, InvalidRequestError, ModelLoadError
 
 GREEDY = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
 IDS = [5, 9, 13, 2, 7]
@@ -102,3 +102,28 @@ def test_refit_errors_raise(tiny_model, tmp_path):
         assert e.weight_version == "default"
     with pytest.raises(InvalidConfigError, match="refit_errors='ignore'"):
         Engine(tiny_model, device="cpu", refit_errors="ignore")
+
+
+def test_flags_and_labels_take_their_sglang_types(engine, tiny_model_v2):
+    """``commit="no"`` is truthy and an int label would become "7" by ``str``: both refused,
+    nothing written; the same for the bool flags of the request-control verbs."""
+    import torch
+
+    name = "model.norm.weight"
+    tensor = torch.tensor(engine.get_weights_by_name(name, 10**6))
+    before = state(engine)
+    for kwargs, error in [
+        (dict(commit="no"), "ValueError: invalid commit='no'"),
+        (dict(weight_version=7), "ValueError: invalid weight_version=7"),
+        (dict(weight_version=""), "ValueError: invalid weight_version=''"),
+    ]:
+        ok, message = engine.update_weights_from_tensor([(name, tensor)], **kwargs)
+        assert not ok and message.startswith(error), message
+    ok, message, _ = engine.update_weights_from_disk(tiny_model_v2, weight_version=["v"])
+    assert not ok and "invalid weight_version=['v']" in message
+    assert state(engine) == before
+    with pytest.raises(InvalidRequestError, match="abort_all='no'"):
+        engine.abort_request(abort_all="no")
+    with pytest.raises(InvalidRequestError, match="abort_all_requests='false'"):
+        engine.update_weight_version("v9", abort_all_requests="false")
+    assert engine.weight_version == before[1]
