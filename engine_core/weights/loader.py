@@ -56,6 +56,8 @@ def iter_checkpoint(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
 def owner_key(model: nn.Module, name: str) -> Key:
     """(module path, leaf, shard id) of HF name ``name``; fused parts per the model class's
     ``packed_modules`` (HF leaf module -> (fused module, shard id))."""
+    if not isinstance(name, str):
+        raise ModelLoadError(f"weight name {name!r} is of type {type(name).__name__}, not str")
     module_path, _, leaf = name.rpartition(".")
     parent, _, last = module_path.rpartition(".")
     packed = model.packed_modules

@@ -54,11 +54,13 @@ def handles_of(named_tensors: Any, load_format: str | None) -> list[BucketHandle
 
 def pairs_of(named_tensors: Any) -> list[tuple[str, torch.Tensor]]:
     if isinstance(named_tensors, Mapping):
-        return list(named_tensors.items())
+        named_tensors = list(named_tensors.items())
     pairs = list(named_tensors)
     for item in pairs:
-        if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)):
+        if not (isinstance(item, tuple | list) and len(item) == 2):
             raise ValueError(f"named_tensors must be (name, tensor) pairs, got {item!r:.80}")
+        if not isinstance(name := item[0], str):
+            raise ValueError(f"weight name {name!r:.80} is of type {type(name).__name__}, not str")
     return [(name, t) for name, t in pairs]
 
 

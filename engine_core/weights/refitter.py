@@ -317,10 +317,19 @@ class Refitter:
 
     # ---------------------------------------------------------------- reads
     def checksums(self, names: Sequence[str] | None) -> dict[str, str]:
+        if names is not None and (
+            isinstance(names, str | bytes)
+            or not isinstance(names, Sequence | set | frozenset | tuple)
+            or not all(isinstance(n, str) for n in names)
+        ):
+            raise ModelLoadError(f"names must be a list of weight names or None, got {names!r}")
         names = None if names is None else list(names)
         return self.loop.call(lambda: self.ranks.checksums(names))
 
     def weight_values(self, name: str, truncate_size: int) -> list:
+        size = truncate_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"invalid truncate_size={truncate_size!r}: must be an int >= 0")
         return self.loop.call(lambda: self.ranks.get_weight_values(name, truncate_size))
 
     def close(self) -> None:

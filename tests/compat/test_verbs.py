@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from safetensors.torch import load_file
 
-from engine_core import Engine, MemoryStateError
+from engine_core import Engine, MemoryStateError, ModelLoadError
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 LONG = {"temperature": 0, "max_new_tokens": 400, "ignore_eos": True}
@@ -112,6 +112,30 @@ def test_get_weights_by_name_returns_sglang_s_shape(engine, tiny_model):
     assert norm == ref["model.norm.weight"][:5].tolist() and isinstance(norm[0], float)
     rows = ref[name].shape[0]
     assert len(engine.get_weights_by_name(name, truncate_size=rows + 10)) == rows
+
+
+NORM = "model.norm.weight"
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda e: e.get_weights_by_name(5), ModelLoadError, "weight name 5 is of type int"),
+        (lambda e: e.get_weights_by_name(None), ModelLoadError, "weight name None"),
+        (lambda e: e.get_weights_by_name(NORM, "2"), ValueError, "truncate_size='2'"),
+        (lambda e: e.get_weights_by_name(NORM, -1), ValueError, "truncate_size=-1"),
+        (lambda e: e.get_weights_checksum([5]), ModelLoadError, "got \\[5\\]"),
+        (lambda e: e.get_weights_checksum("model.norm.weight"), ModelLoadError, "got 'model.norm"),
+    ],
+)
+def test_weight_names_and_sizes_of_the_wrong_type_are_named(engine, call, error, message):
+    with pytest.raises(error, match=message):
+        call(engine)
+    import torch
+
+    ok, text = engine.update_weights_from_tensor({5: torch.zeros(4)})
+    assert not ok and "weight name 5 is of type int" in text
+    assert engine.generate(input_ids=IDS, sampling_params=GREEDY)["output_ids"]
 
 
 def test_update_weights_from_disk_takes_sglang_s_keywords(tiny_model, tiny_model_v2):
