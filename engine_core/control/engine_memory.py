@@ -44,11 +44,23 @@ def normalize_tags(tags: Iterable[str] | str | None) -> set[str]:
     them."""
     if tags is None:
         return set(TAGS)
-    chosen = {tags} if isinstance(tags, str) else set(tags)
+    if isinstance(tags, str):
+        tags = [tags]
+    if not isinstance(tags, Iterable) or isinstance(tags, bytes | dict):
+        raise ValueError(f"invalid tags={tags!r}: must be a tag name, a list of them, or None")
+    chosen = list(tags)
+    if not all(isinstance(tag, str) for tag in chosen):
+        raise ValueError(f"invalid tags={tags!r}: every tag must be a str")
+    chosen = set(chosen)
     unknown = chosen - set(TAGS) - {CUDA_GRAPH}
     if unknown:
         raise ValueError(f"unknown memory tags {sorted(unknown)}; known: {[*TAGS, CUDA_GRAPH]}")
     return chosen
+
+
+def _check_weights_source(weights: object) -> None:
+    if weights != "auto" and weights not in WEIGHT_SOURCES:
+        raise ValueError(f"weights={weights!r}: must be 'auto' or one of {WEIGHT_SOURCES}")
 
 
 class MemoryController:
@@ -163,6 +175,7 @@ class MemoryController:
             raise MemoryStateError(
                 f"memory {missing or sorted(tags)} is not released; nothing to resume"
             )
+        _check_weights_source(weights)  # before any state changes
         if CUDA_GRAPH in tags:
             self.graph_released = False
         return self.resume(tags - {CUDA_GRAPH}, weights)
@@ -193,8 +206,7 @@ class MemoryController:
 
     def resume(self, tags: set[str], weights: str = "auto") -> dict[str, Any]:
         """Re-allocate ``tags`` on every rank; weights from ``weights`` (see module doc)."""
-        if weights != "auto" and weights not in WEIGHT_SOURCES:
-            raise ValueError(f"weights={weights!r}: must be 'auto' or one of {WEIGHT_SOURCES}")
+        _check_weights_source(weights)
         started = time.perf_counter()
         result: dict[str, Any] = {}
         if "weights" in tags and "weights" in self.released:

@@ -195,6 +195,15 @@ def test_unknown_tag_and_source_are_rejected(old):
             engine.resume_memory_occupation(weights="disk")
         engine.resume_memory_occupation()
         assert engine.get_server_info()["memory"]["released"] == []
+        for tags in (5, [["weights"]], b"weights", {"weights": 1}):
+            with pytest.raises(ValueError, match="invalid tags="):
+                engine.release_memory_occupation(tags)
+        # A bad source is refused before anything changes: the retry resumes both tags.
+        engine.release_memory_occupation(["cuda_graph", "weights"])
+        with pytest.raises(ValueError, match="weights='bogus'"):
+            engine.resume_memory_occupation(["cuda_graph", "weights"], weights="bogus")
+        engine.resume_memory_occupation(["cuda_graph", "weights"])
+        assert engine.get_server_info()["memory"]["released"] == []
 
 
 def test_idle_sleep_also_unlinks_the_tp_refit_segments(old, new, expected):
