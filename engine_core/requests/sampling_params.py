@@ -129,10 +129,9 @@ class SamplingParams:
         self.stop_regex = self._check_stop_regex(prefix)
         self.custom_params = _check_custom_params(self.custom_params, f"{prefix}.custom_params")
         self.stop_token_ids = self._check_stop_token_ids(prefix)
-        if self.sampling_seed is not None and not _is_int(self.sampling_seed):
-            raise InvalidRequestError(
-                f"{prefix}.sampling_seed", self.sampling_seed, "must be an int or None"
-            )
+        seed = self.sampling_seed
+        if seed is not None and (not _is_int(seed) or not -(1 << 63) <= seed <= _INT64_MAX):
+            raise InvalidRequestError(f"{prefix}.sampling_seed", seed, "must be an int64 (or None)")
 
     def _check_stop(self, prefix: str) -> list[str]:
         stop = self.stop
@@ -144,6 +143,7 @@ class SamplingParams:
             )
         if not all(isinstance(s, str) and s for s in stop):
             raise InvalidRequestError(f"{prefix}.stop", stop, "must be non-empty strings")
+        _check_count(f"{prefix}.stop", stop)
         return list(stop)
 
     def _check_stop_regex(self, prefix: str) -> list[str]:
@@ -156,6 +156,7 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"{prefix}.stop_regex", self.stop_regex, "must be a str or a list of non-empty str"
             )
+        _check_count(f"{prefix}.stop_regex", patterns)
         for pattern in patterns:
             try:
                 re.compile(pattern)
@@ -234,6 +235,14 @@ class SamplingParams:
     def logprob_temperature(self) -> float:
         """Temperature the reported logprobs are computed at (1.0 for greedy)."""
         return 1.0 if self.greedy else self.temperature
+
+
+MAX_STOPS = 256  # each is searched in the output after every token
+
+
+def _check_count(field: str, items: list | tuple) -> None:
+    if len(items) > MAX_STOPS:
+        raise InvalidRequestError(field, f"<{len(items)} items>", f"at most {MAX_STOPS}")
 
 
 def _check_custom_params(value: Any, name: str) -> dict[str, Any] | None:

@@ -80,6 +80,9 @@ BAD_SAMPLING = [
     ("sampling_seed", 1.5),
     ("sampling_seed", "7"),
     ("sampling_seed", True),
+    ("sampling_seed", 2**63),  # outside int64: would share its draws with another seed
+    ("sampling_seed", -(2**63) - 1),
+    ("sampling_seed", 2**200),
     ("frequency_penalty", 2.5),
     ("frequency_penalty", -2.01),
     ("frequency_penalty", "1"),
@@ -169,6 +172,8 @@ CASES += [
     (dict(prompt=[1, 2]), "prompt[0]", "1"),
     (dict(prompt=["ok", ["a"]]), "prompt[1]", "['a']"),
     (dict(prompt=["ok", ""]), "prompt[1]", "''"),
+    (dict(input_ids=IDS, sampling_params={"stop": ["x"] * 257}), "sampling_params.stop", "257"),
+    (dict(input_ids=IDS, sampling_params={"stop_regex": ["y"] * 257}), "stop_regex", "257"),
     (dict(prompt="\ud800"), "prompt", "'\\ud800'"),  # a lone surrogate: no UTF-8 for it
     (dict(prompt=["ok", "a\udfffb"]), "prompt[1]", "'a\\udfffb'"),
     # refused by its length before it is tokenized (64-token context)
