@@ -3,7 +3,9 @@ and streaming forms of ``Engine.generate``.
 
 Contract: every request id the factory handed out is released exactly once -- by the output
 builder when the final output is built, or here when a request fails before that (a
-refused submission, an error a sink reported, a cancelled await).
+refused submission, an error a sink reported). A caller that stops waiting (a cancelled
+await, a stream closed early) gets its requests aborted instead: they keep their ids until
+the loop has finished them, so a request reusing an id never receives another's output.
 """
 
 from __future__ import annotations
