@@ -4,6 +4,10 @@ The body is SGLang's ``ErrorResponse`` shape, which the ``openai`` client also r
 ``{"object": "error", "message", "type", "param", "code"}`` (``param``: the field). Typed engine
 errors map by kind: bad input 400, an unknown model 404, a released engine or a stopped one
 503. Anything else is a 500 with its type and message (logged), and the server keeps serving.
+
+``read_json`` refuses a non-JSON ``Content-Type`` (415) before reading anything and counts the
+bytes as they arrive, so an oversize body -- declared (``Content-Length``) or chunked (no
+length) -- is a 413 as soon as it crosses ``HTTPConfig.max_body_bytes``, never buffered whole.
 """
 
 from __future__ import annotations
@@ -71,15 +75,50 @@ def response_for(exc: BaseException):
     return error_response(status, message, getattr(exc, "field", None))
 
 
-async def read_json(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object (empty body: ``{}``); 400 naming ``body`` otherwise."""
-    limit = request.app.state.config.max_body_bytes
+def check_content_type(request: Request) -> None:
+    """A body must be JSON (``application/json`` or ``application/*+json``, any parameters).
+
+    No ``Content-Type`` at all is accepted (curl-style clients send none); an empty body too,
+    whatever its type (``POST /flush_cache`` with nothing to say)."""
+    given = request.headers.get("content-type")
+    if given is None or request.headers.get("content-length") == "0":
+        return
+    media = given.split(";", 1)[0].strip().lower()
+    kind, _, sub = media.partition("/")
+    if media == "application/json" or (kind == "application" and sub.endswith("+json")):
+        return
+    shown = given if len(given) <= 100 else given[:100] + "..."
+    raise HTTPError(
+        415,
+        f"invalid content-type={shown!r}: the body must be JSON (send application/json)",
+        "content-type",
+    )
+
+
+def too_large(what: str, limit: int) -> HTTPError:
+    return HTTPError(413, f"invalid body: {what}, more than the limit of {limit} bytes", "body")
+
+
+async def read_bounded(request: Request, limit: int) -> bytes:
+    """The body's bytes; a 413 as soon as more than ``limit`` arrived (the rest is not read:
+    the server answers and closes the connection)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, f"invalid body: {declared} bytes, more than {limit}", "body")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise HTTPError(413, f"invalid body: {len(raw)} bytes, more than {limit}", "body")
+        raise too_large(f"{declared} bytes declared", limit)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large(f"{size} bytes read and more arriving", limit)
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object (empty body: ``{}``); 415 for a non-JSON content
+    type, 413 over the body limit, 400 naming ``body`` for anything but a JSON object."""
+    check_content_type(request)
+    raw = await read_bounded(request, request.app.state.config.max_body_bytes)
     if not raw.strip():
         return {}
     try:
