@@ -18,13 +18,15 @@ from engine_core.requests.generate_request import GenerateRequest
 class Backend(ABC):
     """Attributes every backend sets: ``tokenizer`` (HF tokenizer or None), ``model_path``,
     ``context_length``, ``num_engines``, ``kv_capacity`` (KV-cache tokens of the smallest
-    engine: the most one request can hold)."""
+    engine: the most one request can hold), ``max_requests_per_call`` (the engines' bound on
+    batch size x n of one call: the HTTP front holds streams, one per sample, to it too)."""
 
     tokenizer: Any
     model_path: str
     context_length: int
     num_engines: int
     kv_capacity: int
+    max_requests_per_call: int
 
     # ------------------------------------------------------------------ generation
     @abstractmethod

@@ -22,7 +22,7 @@ from engine_core.requests.generate_request import GenerateRequest
 from rollout.http.errors import HTTPError, bad_request, parse_body, read_json
 from rollout.http.native_protocol import AbortReq
 from rollout.http.sse import DONE, error_event, event, sse_response
-from rollout.http.streams import Deltas, OpenStream, merged
+from rollout.http.streams import Deltas, OpenStream, merged, open_all
 
 router = APIRouter()
 HEALTH_TIMEOUT_S = 20.0
@@ -46,7 +46,18 @@ def parse_generate(body: dict[str, Any]) -> tuple[GenerateRequest, bool]:
     with_text = body.pop("return_text_in_logprobs", False)
     if not isinstance(with_text, bool):
         raise bad_request("return_text_in_logprobs", with_text, "must be a bool")
+    check_session_id(body.get("session_id"))
     return GenerateRequest.of(**body), with_text
+
+
+def check_session_id(value: Any) -> None:
+    """SGLang's ``GenerateReqInput.session_id`` is ``Optional[str]``; a batch may give one per
+    prompt (a list of str or None, as the service's router reads it)."""
+    if value is None or isinstance(value, str):
+        return
+    if isinstance(value, list) and all(v is None or isinstance(v, str) for v in value):
+        return
+    raise bad_request("session_id", value, "must be a str (or a list of str for a batch)")
 
 
 LOGPROB_KEYS = ("input_token_logprobs", "output_token_logprobs")
@@ -127,23 +138,27 @@ async def generate(request: Request):
 
 async def open_streams(backend, req: GenerateRequest) -> list[OpenStream]:
     """One engine stream per prompt (a batch streams every prompt, interleaved), each opened
-    before the answer so bad input is still a 400; if one fails, those opened are aborted."""
+    before the answer so bad input is still a 400; if one fails, those opened are aborted. A
+    batch is bounded by ``max_requests_per_call`` as a non-streamed call is (400 at once)."""
     if req.batch_size is None:
         singles = [req if req.rid is not None else dataclasses.replace(req, rid=_new_rid())]
     else:
+        check_stream_batch(req, backend.max_requests_per_call)
         base = _new_rid()
         singles = [
             _single(req, item, item.rid or f"{base}-{i}") for i, item in enumerate(req.items())
         ]
-    streams: list[OpenStream] = []
-    try:
-        for single in singles:
-            streams.append(await OpenStream.open(backend, single))
-    except BaseException:
-        for stream in streams:
-            await stream.abort()
-        raise
-    return streams
+    return await open_all(backend, singles)
+
+
+def check_stream_batch(req: GenerateRequest, limit: int) -> None:
+    if req.batch_size > limit:
+        field = "prompt" if req.is_text else "input_ids"
+        raise bad_request(
+            field,
+            f"<{req.batch_size} prompts>",
+            f"one generate call may make at most max_requests_per_call={limit} requests",
+        )
 
 
 def _single(req: GenerateRequest, item, rid: str) -> GenerateRequest:

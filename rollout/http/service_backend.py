@@ -81,7 +81,9 @@ class ServiceBackend(Backend):
         self.tokenizer = None if skip else load_tokenizer(self.model_path)
         mc = load_model_config(self.model_path)
         self.context_length = engine_kwargs.get("context_length") or mc.max_position_embeddings
-        self.kv_capacity = min(i["max_total_num_tokens"] for i in service.server_info())
+        infos = service.server_info()
+        self.kv_capacity = min(i["max_total_num_tokens"] for i in infos)
+        self.max_requests_per_call = min(i["config"]["max_requests_per_call"] for i in infos)
         self._closed = False
 
     # ------------------------------------------------------------------ generation

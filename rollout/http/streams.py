@@ -54,6 +54,20 @@ class OpenStream:
             await self._it.aclose()
 
 
+async def open_all(backend: Backend, requests: list[GenerateRequest]) -> list[OpenStream]:
+    """Every request's stream, opened in order before the answer (so bad input is still a
+    400); if one fails to open, those already open are aborted and the error raised."""
+    streams: list[OpenStream] = []
+    try:
+        for request in requests:
+            streams.append(await OpenStream.open(backend, request))
+    except BaseException:
+        for stream in streams:
+            await stream.abort()
+        raise
+    return streams
+
+
 async def merged(streams: list[OpenStream]) -> AsyncIterator[tuple[int, dict]]:
     """Chunks of every stream as they come, tagged with the stream's index in ``streams``."""
     queue: asyncio.Queue = asyncio.Queue()
