@@ -77,32 +77,86 @@ def _text_content(content: Any, where: str) -> str:
     return "".join(parts)
 
 
+# ``apply_chat_template`` arguments a client may not pass in ``chat_template_kwargs``: the server
+# renders the template into one list of token ids itself, so keys that change what the call
+# returns (tensors, dicts, masks, padding), the ones it sets from the request's own fields, and
+# a replacement template (arbitrary code for the template engine) are refused.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "tokenize",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "padding",
+        "truncation",
+        "max_length",
+        "tokenizer_kwargs",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+        "tools",
+    }
+)
+
+
+def check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The client's ``chat_template_kwargs`` (template variables such as ``enable_thinking``);
+    a reserved key is a 400 naming it."""
+    for key in kwargs or {}:
+        if key in RESERVED_TEMPLATE_KWARGS:
+            raise bad_request(
+                f"chat_template_kwargs.{key}",
+                kwargs[key],
+                "not a template variable: it changes how the server applies the template "
+                f"(refused: {sorted(RESERVED_TEMPLATE_KWARGS)})",
+            )
+    return kwargs or {}
+
+
 def chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
     """The conversation through the tokenizer's chat template (generation prompt added, or the
-    last assistant message continued with ``continue_final_message``)."""
+    last assistant message continued with ``continue_final_message``). Blocking (tokenizes):
+    call it off the event loop. Any failure of the template is a 400 naming
+    ``chat_template_kwargs`` when the client gave some, else ``messages``."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise bad_request("messages", "<chat>", "the model's tokenizer has no chat template")
+    kwargs = check_template_kwargs(req.chat_template_kwargs)
     messages = []
     for i, msg in enumerate(req.messages):
         row = msg.model_dump(exclude_none=True)
         row["content"] = _text_content(msg.content, f"messages[{i}]")
         messages.append(row)
     cont = req.continue_final_message and messages[-1]["role"] == "assistant"
+    field, value = ("chat_template_kwargs", kwargs) if kwargs else ("messages", "<chat>")
     try:
-        ids = tokenizer.apply_chat_template(
+        out = tokenizer.apply_chat_template(
             messages,
             tokenize=True,
             add_generation_prompt=not cont,
             continue_final_message=cont,
-            **(req.chat_template_kwargs or {}),
+            **kwargs,
         )
-    except Exception as exc:  # jinja errors (e.g. roles the template refuses)
-        raise bad_request("messages", "<chat>", f"chat template failed: {exc}") from None
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
+    except Exception as exc:  # jinja errors (roles the template refuses, bad variables)
+        raise bad_request(field, value, f"the chat template failed on messages: {exc}") from None
+    ids = _token_ids(out)
+    if ids is None:
+        raise bad_request(field, value, "the chat template did not give a list of token ids")
     if not ids:
         raise bad_request("messages", "<chat>", "the chat template produced an empty prompt")
-    return list(ids)
+    return ids
+
+
+def _token_ids(out: Any) -> list[int] | None:
+    """The ids ``apply_chat_template`` returned (a list, or a dict / ``BatchEncoding`` holding
+    one); None for anything else."""
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    if not isinstance(out, list):
+        return None
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in out):
+        return None
+    return out
 
 
 def max_new_tokens(value: int | None, field: str, prompt_len: int, backend: Any) -> int:

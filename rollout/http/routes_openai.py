@@ -4,19 +4,23 @@ too: ``chat.completion.chunk`` / ``text_completion`` SSE events, a usage event w
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, Request
 
+from engine_core.errors import InvalidRequestError
 from rollout.http import openai_adapter as adapt
+from rollout.http import openai_fields as fields
 from rollout.http import openai_responses as build
-from rollout.http.errors import parse_body, read_json
+from rollout.http.errors import bad_request, parse_body, read_json
 from rollout.http.openai_protocol import ChatCompletionRequest, CompletionRequest
 from rollout.http.routes_generate import refuse_when_stopping
 from rollout.http.sse import DONE, error_event, event, sse_response
-from rollout.http.streams import Deltas, OpenStream, merged
+from rollout.http.streams import Deltas, merged, open_all
 
 router = APIRouter()
 
@@ -46,24 +50,36 @@ async def retrieve_model(request: Request, model: str):
 
 
 async def _prepare(request: Request, kind: type) -> tuple[Any, Any, list[list[int]], dict]:
-    """Parse and validate; the prompts as ids and the sampling params."""
+    """Parse and validate; the prompts as ids and the sampling params. The cheap checks come
+    first (a bad request costs no tokenization); the prompts are tokenized in a worker thread
+    so a huge one does not stall the event loop (other clients, ``/health``)."""
     state = request.app.state
     refuse_when_stopping(state)
     req = parse_body(kind, await read_json(request))
     adapt.check_model(req.model, (state.served_model_name,))
     adapt.check_neutral(req)
+    if req.n < 1:
+        raise bad_request("n", req.n, "must be >= 1")
+    fields.check_request_count(req, state.backend.max_requests_per_call)
     tokenizer = state.backend.tokenizer
     if kind is ChatCompletionRequest:
-        prompts = [adapt.chat_prompt(req, tokenizer)]
-        limit = req.max_completion_tokens if req.max_completion_tokens is not None else None
-        field = "max_completion_tokens" if limit is not None else "max_tokens"
-        limit = limit if limit is not None else req.max_tokens
+        fields.check_chat_logprobs(req)
+        adapt.check_template_kwargs(req.chat_template_kwargs)
+        prompts = [await asyncio.to_thread(adapt.chat_prompt, req, tokenizer)]
     else:
-        prompts = adapt.completion_prompts(req, tokenizer)
-        limit, field = req.max_tokens, "max_tokens"
+        prompts = await asyncio.to_thread(adapt.completion_prompts, req, tokenizer)
+    field = _limit_field(req)
     longest = max(len(p) for p in prompts)
+    limit = getattr(req, field)
     params = adapt.sampling_params(req, adapt.max_new_tokens(limit, field, longest, state.backend))
     return state, req, prompts, params
+
+
+def _limit_field(req: Any) -> str:
+    """The OpenAI field that bounds the output (chat: ``max_completion_tokens`` when given)."""
+    if getattr(req, "max_completion_tokens", None) is not None:
+        return "max_completion_tokens"
+    return "max_tokens"
 
 
 def _top(req: Any, chat: bool) -> int | None:
@@ -90,9 +106,11 @@ async def _serve(request: Request, chat: bool):
     top = _top(req, chat)
     if req.stream:
         calls = adapt.stream_requests(prompts, params, top, rid)
-        streams = [await OpenStream.open(state.backend, call) for call in calls]
+        with _openai_names(req, chat, len(prompts) > 1):
+            streams = await open_all(state.backend, calls)
         return sse_response(_events(state, req, chat, rid, model, prompts, streams))
-    outputs = await state.backend.generate(adapt.generate_request(prompts, params, top))
+    with _openai_names(req, chat, len(prompts) > 1):
+        outputs = await state.backend.generate(adapt.generate_request(prompts, params, top))
     outputs = outputs if isinstance(outputs, list) else [outputs]
     text_of = build.TokenText(state.backend.tokenizer)
     choice = build.chat_choice if chat else build.completion_choice
@@ -104,6 +122,15 @@ async def _serve(request: Request, chat: bool):
     kind_name = "chat.completion" if chat else "text_completion"
     body = build.envelope(kind_name, rid, model, version, choices, build.usage(outputs, req.n))
     return state.json(body)
+
+
+@contextmanager
+def _openai_names(req: Any, chat: bool, batch: bool):
+    """The engine's ``InvalidRequestError`` becomes a 400 naming the OpenAI field."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        raise fields.renamed(exc, chat, _limit_field(req), batch) from None
 
 
 async def _events(state, req, chat: bool, rid: str, model: str, prompts, streams):
