@@ -150,10 +150,7 @@ class Engine:
     def abort_request(self, rid: str | None = None, abort_all: bool = False) -> None:
         """Abort a request (its output returns with finish_reason abort), or all of them."""
         _check_flag("abort_all", abort_all)
-        if abort_all:
-            self.loop.abort(None)
-        elif rid is not None:
-            self.loop.abort(rid)
+        self.submission.abort(rid, abort_all)
 
     def get_server_info(self) -> dict[str, Any]:
         """Engine state (``config``, ``model``, ``memory``, counters), plus SGLang's flat keys:

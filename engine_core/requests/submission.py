@@ -11,8 +11,10 @@ the loop has finished them, so a request reusing an id never receives another's 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from engine_core.control.engine_memory import MemoryController
@@ -38,6 +40,16 @@ class Submission:
         self.outputs = outputs
         self.loop = loop
         self.memory = memory
+        self.building = BuildingCalls()
+
+    def abort(self, rid: str | None, abort_all: bool) -> None:
+        """Abort ``rid`` (or everything) in the loop, and in calls still building their
+        requests off the event loop: an abort sent after a generate call always finds it."""
+        self.building.abort(rid, abort_all)
+        if abort_all:
+            self.loop.abort(None)
+        elif rid is not None:
+            self.loop.abort(rid)
 
     def generate(self, request: GenerateRequest):
         """One output dict, a list for a batch, or (``stream``) an iterator of chunks."""
@@ -60,23 +72,48 @@ class Submission:
         return outputs if is_batch or len(outputs) > 1 else outputs[0]
 
     async def async_generate(self, request: GenerateRequest):
-        """``generate`` for asyncio callers; with ``stream`` an async iterator of chunks."""
-        reqs, is_batch = self.requests.build(request)
-        loop = asyncio.get_running_loop()
+        """``generate`` for asyncio callers; with ``stream`` an async iterator of chunks. The
+        requests are built (validated, tokenized) in a worker thread: a huge prompt must not
+        stall the caller's event loop (an HTTP server's other clients)."""
+        key = self.building.open(request.rid)
+        try:
+            reqs, is_batch = await self._build_off_loop(request)
+            loop = asyncio.get_running_loop()
+            if request.stream:
+                chunks: asyncio.Queue = asyncio.Queue()
+                self._submit_stream(
+                    reqs, is_batch, lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)
+                )
+            else:
+                sinks = [FutureSink(self.outputs.final, loop) for _ in reqs]
+                self._submit(reqs, sinks)
+        finally:
+            aborted = self.building.close(key)
+        for req in reqs:  # aborts asked while the requests were being built
+            if aborted(req.rid):
+                self.loop.abort(req.rid)
         if request.stream:
-            chunks: asyncio.Queue = asyncio.Queue()
-            self._submit_stream(
-                reqs, is_batch, lambda item: loop.call_soon_threadsafe(chunks.put_nowait, item)
-            )
             return _drain(chunks, self._release_one(reqs[0]), self._abort_one(reqs[0]))
-        sinks = [FutureSink(self.outputs.final, loop) for _ in reqs]
-        self._submit(reqs, sinks)
         try:
             outputs = list(await asyncio.gather(*(s.future for s in sinks)))
         except BaseException:
             self._give_up(reqs, [s.future for s in sinks])
             raise
         return outputs if is_batch or len(outputs) > 1 else outputs[0]
+
+    async def _build_off_loop(self, request: GenerateRequest) -> tuple[list[Request], bool]:
+        """``requests.build(request)`` in a worker thread. Cancelled meanwhile, the ids of what
+        gets built are released once it is built (nothing will submit those requests)."""
+        built = asyncio.get_running_loop().run_in_executor(None, self.requests.build, request)
+        try:
+            return await asyncio.shield(built)
+        except asyncio.CancelledError:
+            built.add_done_callback(self._release_built)
+            raise
+
+    def _release_built(self, built: asyncio.Future) -> None:
+        if not built.cancelled() and built.exception() is None:
+            self.requests.release(r.rid for r in built.result()[0])
 
     def _give_up(self, reqs: list[Request], futures: list[asyncio.Future]) -> None:
         """The caller stopped waiting (cancelled, or one request of the call failed): a failed
@@ -145,3 +182,35 @@ async def _drain(chunks: asyncio.Queue, release, abort) -> AsyncIterator[dict[st
     finally:
         if not ended:
             abort()
+
+
+class BuildingCalls:
+    """The asyncio calls whose requests are being built in a worker thread, and the aborts
+    asked for them meanwhile (applied once the requests are submitted)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[int, tuple[set[str], set[str], list[bool]]] = {}
+        self._keys = itertools.count()
+
+    def open(self, rid: Any) -> int:
+        """Register a call by the ids its caller gave (``rid``: a str, a list, or None)."""
+        given = {r for r in (rid if isinstance(rid, list) else [rid]) if isinstance(r, str)}
+        with self._lock:
+            key = next(self._keys)
+            self._calls[key] = (given, set(), [False])
+        return key
+
+    def abort(self, rid: str | None, abort_all: bool) -> None:
+        with self._lock:
+            for given, asked, everything in self._calls.values():
+                if abort_all:
+                    everything[0] = True
+                elif rid in given:
+                    asked.add(rid)
+
+    def close(self, key: int) -> Callable[[str], bool]:
+        """Forget the call; returns whether a request id of it was aborted meanwhile."""
+        with self._lock:
+            _, asked, everything = self._calls.pop(key)
+        return lambda rid: everything[0] or rid in asked

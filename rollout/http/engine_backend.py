@@ -1,56 +1,20 @@
 """``EngineBackend``: the HTTP server over one in-process ``engine_core.Engine`` (no Ray).
 
-Generation is ``Engine.async_generate``'s path (concurrent requests share batches), except that
-the blocking part -- validating and tokenizing the prompts into engine requests -- runs in a
-worker thread, so a huge prompt does not stall the event loop (``/health``, other streams).
-Blocking verbs (refits, memory, pause) run in a worker thread too, so the server keeps
+Generation is ``Engine.async_generate`` (concurrent requests share batches; it validates and
+tokenizes prompts in a worker thread, so a huge prompt does not stall the event loop). Blocking
+verbs (refits, memory, pause) run in a worker thread too, so the server keeps
 answering health checks and aborts meanwhile."""
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
 from engine_core import Engine
-from engine_core.requests.factory import RequestFactory
 from engine_core.requests.generate_request import GenerateRequest
-from engine_core.requests.request import Request
-from engine_core.requests.submission import Submission
 from rollout.http.backend import Backend
-
-
-class _Built:
-    """The engine's request factory, except that ``build`` returns requests already built (in a
-    worker thread): the engine's own ``Submission`` then submits them as it always does."""
-
-    def __init__(self, factory: RequestFactory, built: tuple[list[Request], bool]) -> None:
-        self._factory = factory
-        self._built = built
-
-    def build(self, request: GenerateRequest) -> tuple[list[Request], bool]:
-        return self._built
-
-    def __getattr__(self, name: str) -> Any:  # release, ...: the real factory's
-        return getattr(self._factory, name)
-
-
-async def build_off_loop(factory: RequestFactory, request: GenerateRequest):
-    """``factory.build(request)`` in a worker thread. If the caller is cancelled meanwhile, the
-    ids of what gets built are released once it is (nothing will submit those requests)."""
-    future = asyncio.get_running_loop().run_in_executor(None, factory.build, request)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        future.add_done_callback(lambda done: _release_built(factory, done))
-        raise
-
-
-def _release_built(factory: RequestFactory, done: asyncio.Future) -> None:
-    if not done.cancelled() and done.exception() is None:
-        factory.release(r.rid for r in done.result()[0])
 
 
 class EngineBackend(Backend):
@@ -70,20 +34,11 @@ class EngineBackend(Backend):
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ generation
-    async def _submission(self, request: GenerateRequest) -> Submission:
-        """A copy of the engine's submission path, holding ``request`` built off the loop."""
-        submission = self.engine.submission
-        built = await build_off_loop(submission.requests, request)
-        ready = copy.copy(submission)
-        ready.requests = _Built(submission.requests, built)
-        return ready
-
     async def generate(self, request: GenerateRequest) -> dict | list[dict]:
-        return await (await self._submission(request)).async_generate(request)
+        return await self.engine.async_generate(request)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[dict]:
-        request = dataclasses.replace(request, stream=True)
-        chunks = await (await self._submission(request)).async_generate(request)
+        chunks = await self.engine.async_generate(dataclasses.replace(request, stream=True))
         async for chunk in chunks:
             yield chunk
 
