@@ -61,7 +61,7 @@ class RequestFactory:
         self.pool = pool
         self.max_requests_per_call = max_requests_per_call
         self.hidden_states_enabled = hidden_states_enabled
-        self.max_prompt_chars = _max_prompt_chars(tokenizer, context_length)
+        self.max_prompt_chars = max_prompt_chars(tokenizer, context_length)
         self._rng = random.Random(seed)
         self._arrival = itertools.count()
         self._lock = threading.Lock()
@@ -292,7 +292,7 @@ def check_request_count(total: int, limit: int, field: str, value: Any) -> None:
         )
 
 
-def _max_prompt_chars(tokenizer: Any, context_length: int) -> int:
+def max_prompt_chars(tokenizer: Any, context_length: int) -> int:
     """Characters beyond which a text cannot fit ``context_length`` tokens. Every character
     of a text is at least one character of the token strings it becomes (byte-level BPE and
     SentencePiece alike), so a text longer than context x the longest token string has too

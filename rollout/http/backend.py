@@ -19,7 +19,8 @@ class Backend(ABC):
     """Attributes every backend sets: ``tokenizer`` (HF tokenizer or None), ``model_path``,
     ``context_length``, ``num_engines``, ``kv_capacity`` (KV-cache tokens of the smallest
     engine: the most one request can hold), ``max_requests_per_call`` (the engines' bound on
-    batch size x n of one call: the HTTP front holds streams, one per sample, to it too)."""
+    batch size x n of one call: the HTTP front holds streams, one per sample, to it too),
+    ``max_prompt_chars`` (a longer text cannot fit the context: refused before tokenizing)."""
 
     tokenizer: Any
     model_path: str
@@ -27,6 +28,7 @@ class Backend(ABC):
     num_engines: int
     kv_capacity: int
     max_requests_per_call: int
+    max_prompt_chars: int
 
     # ------------------------------------------------------------------ generation
     @abstractmethod

@@ -28,6 +28,7 @@ class EngineBackend(Backend):
         self.num_engines = 1
         self.kv_capacity = engine.pool.capacity_tokens
         self.max_requests_per_call = engine.config.max_requests_per_call
+        self.max_prompt_chars = engine.requests.max_prompt_chars
         self._closed = False
 
     async def _run(self, fn, *args: Any, **kwargs: Any) -> Any:

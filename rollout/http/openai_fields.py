@@ -32,6 +32,36 @@ def check_request_count(req: Any, limit: int) -> None:
         )
 
 
+def check_text_length(req: Any, limit: int) -> None:
+    """Text longer than ``limit`` characters cannot fit the context whatever its tokens
+    (``engine_core.requests.factory.max_prompt_chars``): a 400 before any tokenizing, which
+    for megabytes of text takes seconds of a core."""
+    if not limit:
+        return  # no tokenizer: text is refused by name later
+    if hasattr(req, "messages"):
+        total = sum(_content_chars(m.content) for m in req.messages)
+        if total > limit:
+            raise bad_request("messages", f"<{total} characters>", _too_long(limit))
+        return
+    prompts = req.prompt if isinstance(req.prompt, list) else [req.prompt]
+    for i, item in enumerate(prompts):
+        if isinstance(item, str) and len(item) > limit:
+            field = f"prompt[{i}]" if isinstance(req.prompt, list) else "prompt"
+            raise bad_request(field, f"<{len(item)} characters>", _too_long(limit))
+
+
+def _content_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return 0
+
+
+def _too_long(limit: int) -> str:
+    return f"longer than any prompt that fits the context ({limit} characters)"
+
+
 def check_chat_logprobs(req: Any) -> None:
     """OpenAI: ``top_logprobs`` needs ``logprobs: true``."""
     if req.top_logprobs is not None and not req.logprobs:

@@ -61,6 +61,7 @@ async def _prepare(request: Request, kind: type) -> tuple[Any, Any, list[list[in
     if req.n < 1:
         raise bad_request("n", req.n, "must be >= 1")
     fields.check_request_count(req, state.backend.max_requests_per_call)
+    fields.check_text_length(req, state.backend.max_prompt_chars)
     tokenizer = state.backend.tokenizer
     if kind is ChatCompletionRequest:
         fields.check_chat_logprobs(req)

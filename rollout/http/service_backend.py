@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from engine_core.requests.factory import max_prompt_chars
 from engine_core.requests.generate_request import GenerateRequest
 from engine_core.weights.sglang_payloads import is_serialized
 from rollout.http.backend import Backend
@@ -84,6 +85,7 @@ class ServiceBackend(Backend):
         infos = service.server_info()
         self.kv_capacity = min(i["max_total_num_tokens"] for i in infos)
         self.max_requests_per_call = min(i["config"]["max_requests_per_call"] for i in infos)
+        self.max_prompt_chars = max_prompt_chars(self.tokenizer, self.context_length)
         self._closed = False
 
     # ------------------------------------------------------------------ generation

@@ -112,14 +112,39 @@ def test_a_streamed_batch_is_bounded_like_a_plain_one(client):
     assert_serving(client)
 
 
-# /generate: 8191 prompts that fit the context, then one that does not (each short enough for
-# the engine's early refusal of over-long text): all are tokenized before the 400. Completions:
-# one ~3.6 MB prompt, tokenized by the server (it returns the prompt ids).
+# 8191 prompts that fit the context, then one that does not (each short enough to pass the
+# early refusal of over-long text): all are tokenized before the 400, by the engine
+# (/generate) or by the OpenAI route (it returns the prompt ids). One ~3.6 MB prompt is
+# refused by its length before any tokenizing.
 FITS, TOO_LONG = "the quick brown fox " * 19, "the quick brown fox " * 150
 HUGE = [
     ("/generate", {"text": [FITS] * 8191 + [TOO_LONG], "sampling_params": {"max_new_tokens": 1}}),
+    ("/v1/completions", {"prompt": [FITS] * 8191 + [TOO_LONG], "max_tokens": 1}),
     ("/v1/completions", {"prompt": "the quick brown fox " * 180000, "max_tokens": 1}),
 ]
+
+
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/v1/completions", {"prompt": "the quick brown fox " * 180000}, "prompt"),
+        ("/v1/completions", {"prompt": ["hi", "the quick brown fox " * 180000]}, "prompt[1]"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x" * 3_600_000}]},
+            "messages",
+        ),
+        ("/generate", {"text": "the quick brown fox " * 180000}, "prompt"),
+    ],
+)
+def test_text_too_long_for_any_tokenization_is_refused_by_length(client, path, body, field):
+    started = time.monotonic()
+    response = client.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["param"] == field and "characters" in error["message"], error
+    assert time.monotonic() - started < 1.0, "it was tokenized first"
+    assert_serving(client)
 
 
 @pytest.mark.parametrize("path, body", HUGE)
