@@ -254,7 +254,9 @@ def check_ids(ids: Any, field: str, vocab_size: int) -> list[int]:
     if not isinstance(ids, list) or not ids:
         raise InvalidRequestError(field, ids, "must be a non-empty list of token ids")
     for tok in ids:
-        if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < vocab_size:
+        if isinstance(tok, bool) or not isinstance(tok, int):
+            raise InvalidRequestError(field, tok, "a token id must be an int")
+        if not 0 <= tok < vocab_size:
             raise InvalidRequestError(
                 field, tok, f"token id outside the vocabulary [0, {vocab_size})"
             )

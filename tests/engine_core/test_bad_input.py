@@ -181,6 +181,14 @@ CASES += [
 ]
 
 
+def test_a_non_int_token_id_is_named_as_such(engine):
+    for ids in ([True, 2], [1.5, 2], ["3"]):
+        with pytest.raises(InvalidRequestError, match="a token id must be an int"):
+            engine.generate(input_ids=ids)
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        engine.generate(input_ids=[1, 10**6])
+
+
 @pytest.mark.parametrize("kwargs,field,value", CASES, ids=[c[1] + ":" + c[2] for c in CASES])
 def test_bad_input_raises_and_engine_survives(engine, kwargs, field, value):
     with pytest.raises(InvalidRequestError) as info:
