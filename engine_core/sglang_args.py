@@ -214,7 +214,9 @@ SGLANG_ARGS: dict[str, Rule] = {
     ),
     "enable_custom_logit_processor": _no_effect(False, "generate(custom_logit_processor) raises"),
     "delete_ckpt_after_loading": _no_effect(False, "checkpoints are never deleted"),
-    "allow_auto_truncate": _fixed(False, "a prompt longer than the context raises"),
+    "allow_auto_truncate": _fixed(
+        False, "a prompt, or prompt + a given max_new_tokens, reaching the context raises"
+    ),
     "enable_lora": _fixed(None, "no LoRA", False),
     "lora_paths": _fixed(None, "no LoRA"),
     "speculative_algorithm": _fixed(None, "no speculative decoding"),

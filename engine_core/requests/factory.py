@@ -114,7 +114,10 @@ class RequestFactory:
         token_ids = item.token_ids_logprob
         if token_ids is not None:
             token_ids = check_ids(token_ids, f"token_ids_logprob{where}", self.vocab_size)
-        self._check_fits(ids, sp, where)
+        asked = isinstance(item.sampling_params, dict) and (
+            item.sampling_params.get("max_new_tokens") is not None
+        )
+        self._check_fits(ids, sp, where, asked)
         self._check_text_stops(sp, where)
         return SeqSpec(
             ids,
@@ -157,12 +160,23 @@ class RequestFactory:
                 reason = f"not valid Unicode text ({exc.reason})"
                 raise InvalidRequestError(field, text, reason) from None
 
-    def _check_fits(self, ids: list[int], sp: SamplingParams, where: str) -> None:
-        if len(ids) > self.context_length:
+    def _check_fits(self, ids: list[int], sp: SamplingParams, where: str, asked: bool) -> None:
+        """SGLang's length rules (``allow_auto_truncate=False``): the prompt must be shorter
+        than the context, and prompt + ``max_new_tokens`` too when the caller gave it (the
+        default is clipped to the context instead). Then the KV cache must hold it."""
+        ctx = self.context_length
+        if len(ids) >= ctx:
             raise InvalidRequestError(
                 f"prompt{where}",
                 f"<{len(ids)} tokens>",
-                f"longer than the context length {self.context_length}",
+                f"not shorter than the context length {ctx}",
+            )
+        if asked and len(ids) + sp.max_new_tokens >= ctx:
+            raise InvalidRequestError(
+                f"sampling_params{where}.max_new_tokens",
+                sp.max_new_tokens,
+                f"{len(ids)} prompt tokens + {sp.max_new_tokens} new ones reach the context "
+                f"length {ctx}",
             )
         need = len(ids) + min(sp.max_new_tokens, self.context_length - len(ids))
         if pages_needed(need, self.pool.page_size) > self.pool.num_pages:

@@ -161,7 +161,8 @@ def _token_ids(out: Any) -> list[int] | None:
 
 def max_new_tokens(value: int | None, field: str, prompt_len: int, backend: Any) -> int:
     if value is None:  # OpenAI: until a stop or the end of the context
-        room = min(backend.context_length, backend.kv_capacity) - prompt_len
+        # SGLang's rule: prompt + max_new_tokens stays below the context length.
+        room = min(backend.context_length - 1, backend.kv_capacity) - prompt_len
         return max(room, 1)
     if value < 0:
         raise bad_request(field, value, "must be >= 0")

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from engine_core import Engine, MemoryStateError, ModelLoadError
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
-LONG = {"temperature": 0, "max_new_tokens": 400, "ignore_eos": True}
+# As long as the 256-token context allows (prompt + max_new_tokens must stay below it).
+LONG = {"temperature": 0, "max_new_tokens": 240, "ignore_eos": True}
 IDS = [5, 17, 29, 41, 53]
 SGLANG_MODEL_INFO = (
     "model_path",

@@ -181,6 +181,20 @@ CASES += [
 ]
 
 
+def test_sglang_length_rules(engine):
+    """SGLang (``allow_auto_truncate=False``): the prompt must be shorter than the context (64
+    here), and prompt + ``max_new_tokens`` too when the caller gives it; the default is
+    clipped to the context instead."""
+    with pytest.raises(InvalidRequestError, match="prompt.*64 tokens.*context length 64"):
+        engine.generate(input_ids=list(range(1, 65)))
+    with pytest.raises(InvalidRequestError, match="max_new_tokens=62.*reach the context"):
+        engine.generate(input_ids=[1, 2], sampling_params={"max_new_tokens": 62})
+    asked = engine.generate(input_ids=[1, 2], sampling_params=dict(OK, max_new_tokens=61))
+    assert asked["meta_info"]["completion_tokens"] == 61
+    default = engine.generate(input_ids=[1, 2], sampling_params={"ignore_eos": True})
+    assert default["meta_info"]["completion_tokens"] == 62  # 128 clipped to the context
+
+
 def test_a_non_int_token_id_is_named_as_such(engine):
     for ids in ([True, 2], [1.5, 2], ["3"]):
         with pytest.raises(InvalidRequestError, match="a token id must be an int"):

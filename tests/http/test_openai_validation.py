@@ -145,3 +145,23 @@ def test_generate_session_id_must_be_a_str(client, session_id):
     assert_400(client.post("/generate", json=body), "session_id", repr(session_id))
     body["session_id"] = "conv-1"
     assert client.post("/generate", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_max_tokens_past_the_context_is_a_400_and_none_runs_to_its_end(client, path):
+    """SGLang (``allow_auto_truncate=False``): prompt + max_tokens must stay below the context
+    length; without max_tokens a chat may use what is left of it."""
+    field = "max_completion_tokens" if path == CHAT else "max_tokens"
+    body = body_for(path, **{field: 10**9})
+    body.pop("max_tokens", None) if path == CHAT else None
+    assert_400(client.post(path, json=body), field, str(10**9))
+    body = body_for(path, temperature=0, ignore_eos=True)
+    body.pop("max_tokens")
+    response = client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    if path == CHAT:
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 255  # a 256 context
+    else:
+        assert usage["completion_tokens"] == 16  # OpenAI's default for completions
+    assert_serving(client)
