@@ -47,13 +47,23 @@ def default_kv_budget_bytes(config: Any, model_cfg: Any, context_length: int) ->
     # the packed copy of the matrices (layers.packed_linear)
     weights = int(weights * (1.0 + packed_copy_fraction(config, dtype)))
     available = available_memory_bytes(config.device)
-    per_token = 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim * elem
+    per_token = kv_bytes_per_token(config, model_cfg)
     useful = config.max_running_requests * context_length * per_token
     share = int(DEFAULT_KV_FRACTION * available) - weights
     engine_bytes = max(DEFAULT_KV_FLOOR_BYTES, min(share, DEFAULT_KV_CAP_BYTES, useful))
     if config.device == "cuda":
         return engine_bytes
     return max(1, engine_bytes // config.tp_size)
+
+
+def kv_bytes_per_token(config: Any, model_cfg: Any) -> int:
+    """K and V of one token in every layer, in the engine's dtype (all KV heads)."""
+    import torch
+
+    from engine_core.execution.model_runner import resolve_dtype
+
+    elem = torch.empty(0, dtype=resolve_dtype(config, model_cfg)).element_size()
+    return 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim * elem
 
 
 def available_memory_bytes(device: str) -> int:
@@ -123,7 +133,7 @@ def mem_fraction_budget_bytes(config: Any, model_cfg: Any) -> int:
 def resolve_kv_budget(config: Any, model_cfg: Any, context_length: int) -> Any:
     """``config`` with ``kv_cache_memory_bytes`` set to the per-rank KV bytes (module
     docstring); unchanged when ``max_total_tokens`` or ``kv_cache_memory_bytes`` sizes the
-    cache already."""
+    cache already (after checking that the memory can hold that size)."""
     given = config.max_total_tokens is not None or config.kv_cache_memory_bytes is not None
     _check_fits(config, model_cfg, whole_cache=given)
     if given:
@@ -139,13 +149,7 @@ def _check_fits(config: Any, model_cfg: Any, whole_cache: bool) -> None:
     """Refuse, naming the field, a KV size the device cannot hold before the allocator fails
     on it: one page, and (``whole_cache``: a size the caller gave) the whole cache. A budget
     derived here is not checked: the floor may exceed a small host's estimate on purpose."""
-    import torch
-
-    from engine_core.execution.model_runner import resolve_dtype
-
-    elem = torch.empty(0, dtype=resolve_dtype(config, model_cfg)).element_size()
-    per_token = 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim * elem
-    page = config.page_size * per_token
+    page = config.page_size * kv_bytes_per_token(config, model_cfg)
     available = available_memory_bytes(config.device)
     where = "device memory" if config.device == "cuda" else "available RAM (MemAvailable)"
     if page > available:
