@@ -48,10 +48,10 @@ def normalize_tags(tags: Iterable[str] | str | None) -> set[str]:
         tags = [tags]
     if not isinstance(tags, Iterable) or isinstance(tags, bytes | dict):
         raise ValueError(f"invalid tags={tags!r}: must be a tag name, a list of them, or None")
-    chosen = list(tags)
-    if not all(isinstance(tag, str) for tag in chosen):
+    names = list(tags)
+    if not all(isinstance(tag, str) for tag in names):
         raise ValueError(f"invalid tags={tags!r}: every tag must be a str")
-    chosen = set(chosen)
+    chosen = set(names)
     unknown = chosen - set(TAGS) - {CUDA_GRAPH}
     if unknown:
         raise ValueError(f"unknown memory tags {sorted(unknown)}; known: {[*TAGS, CUDA_GRAPH]}")

@@ -25,6 +25,7 @@ from engine_core.execution.rank_client import RankClient
 from engine_core.model_config import ModelConfig, load_model_config
 from engine_core.scheduling.loop import EngineLoop
 from engine_core.weights.payloads import RefitSegments, handles_of, pairs_of, plan_of
+from engine_core.weights.refit_args import check_group_args, check_refit_flags
 from engine_core.weights.sglang_payloads import (
     FLATTENED_BUCKET,
     FlattenedMetas,
@@ -33,22 +34,10 @@ from engine_core.weights.sglang_payloads import (
     per_rank_tensors,
 )
 from weight_sync import UpdatePlan
-from weight_sync.group import check_timeout
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "weight_update_group"
-
-
-def check_refit_flags(version: object, commit: object = True) -> None:
-    """A refit's label and commit flag as SGLang types them (``weight_version: str | None``,
-    a bool): a truthy "no" must not commit, nor an int become a label by ``str``."""
-    if version is not None and (not isinstance(version, str) or not version):
-        raise ValueError(f"invalid weight_version={version!r}: must be a non-empty str or None")
-    if not isinstance(commit, bool):
-        raise ValueError(f"invalid commit={commit!r}: must be a bool")
-
-
 _SHAPE_FIELDS = (
     "architecture",
     "vocab_size",
@@ -202,21 +191,7 @@ class Refitter:
         self, master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s
     ) -> dict:
         tp = self.tp_size
-        for name, value in (("rank_offset", rank_offset), ("world_size", world_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"invalid {name}={value!r}: must be an int")
-        if not isinstance(group_name, str) or not group_name:
-            raise ValueError(f"invalid group_name={group_name!r}: must be a non-empty str")
-        if rank_offset < 1:  # rank 0 is the trainer: it broadcasts, the engines receive
-            raise ValueError(
-                f"invalid rank_offset={rank_offset}: rank 0 is the sender (the trainer), so an "
-                "engine's ranks start at 1 or above"
-            )
-        check_timeout(timeout_s)
-        if rank_offset + tp > world_size:
-            raise ValueError(
-                f"rank_offset={rank_offset} with tp_size={tp} does not fit world_size={world_size}"
-            )
+        check_group_args(rank_offset, world_size, group_name, timeout_s, tp)
         args = (master_address, master_port, rank_offset, world_size, group_name, backend)
         self.joined_groups = True
         self.loop.call(lambda: self.ranks.init_group(*args, timeout_s))
