@@ -41,5 +41,8 @@ def stock_trainer(port: int, world: int, group: str, weights: str, names: list[s
         for name in names:
             dist.broadcast(tensors[name], src=0, group=pg)
         q.put("sent")
+        # Joins gloo's threads now: left to interpreter exit they sometimes abort the process
+        # ("terminate called without an active exception", exit code -6).
+        dist.destroy_process_group(pg)
     except BaseException as exc:  # reported to the test
         q.put(f"{type(exc).__name__}: {exc}")
