@@ -34,7 +34,7 @@ def check_request_count(req: Any, limit: int) -> None:
 
 def check_text_length(req: Any, limit: int) -> None:
     """Text longer than ``limit`` characters cannot fit the context whatever its tokens
-    (``engine_core.requests.factory.max_prompt_chars``): a 400 before any tokenizing, which
+    (``engine_core.requests.item_checks.max_prompt_chars``): a 400 before any tokenizing, which
     for megabytes of text takes seconds of a core."""
     if not limit:
         return  # no tokenizer: text is refused by name later

@@ -19,8 +19,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from engine_core.requests.factory import max_prompt_chars
 from engine_core.requests.generate_request import GenerateRequest
+from engine_core.requests.item_checks import max_prompt_chars
 from engine_core.weights.sglang_payloads import is_serialized
 from rollout.http.backend import Backend
 from rollout.http.errors import bad_request
