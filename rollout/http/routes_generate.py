@@ -18,7 +18,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from engine_core.errors import InvalidRequestError
 from engine_core.requests.generate_request import GenerateRequest
+from engine_core.requests.item_checks import check_request_count
 from rollout.http.errors import HTTPError, bad_request, parse_body, read_json
 from rollout.http.native_protocol import AbortReq
 from rollout.http.sse import DONE, error_event, event, sse_response
@@ -152,13 +154,12 @@ async def open_streams(backend, req: GenerateRequest) -> list[OpenStream]:
 
 
 def check_stream_batch(req: GenerateRequest, limit: int) -> None:
-    if req.batch_size > limit:
-        field = "prompt" if req.is_text else "input_ids"
-        raise bad_request(
-            field,
-            f"<{req.batch_size} prompts>",
-            f"one generate call may make at most max_requests_per_call={limit} requests",
-        )
+    field = "prompt" if req.is_text else "input_ids"
+    count = req.batch_size or 1
+    try:  # the engine's own bound, checked here before one stream per prompt is opened
+        check_request_count(count, limit, field, f"<{count} prompts>")
+    except InvalidRequestError as exc:
+        raise bad_request(exc.field, exc.value, exc.reason) from None
 
 
 def _single(req: GenerateRequest, item, rid: str) -> GenerateRequest:
